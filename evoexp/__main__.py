@@ -1,0 +1,3 @@
+from evoexp.cli import main
+
+main()

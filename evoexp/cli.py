@@ -1,0 +1,111 @@
+"""The `evoexp` command: a thin Hydra entrypoint. Everything it runs lives in `evoexp.run`."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from evoexp.config import register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+_DIRNAME_MAX = 120
+
+
+def _dirname(override_dirname: str) -> str:
+    """A filesystem-safe, deterministic run-dir name from the command-line overrides."""
+    if not override_dirname:
+        return "default"
+    safe = re.sub(r"[^A-Za-z0-9._=,+\-\[\]]", "_", override_dirname)
+    if len(safe) > _DIRNAME_MAX:
+        digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:10]
+        safe = f"{safe[:_DIRNAME_MAX - 11]}-{digest}"
+    return safe
+
+
+if not OmegaConf.has_resolver("evoexp_dirname"):
+    OmegaConf.register_new_resolver("evoexp_dirname", _dirname)
+register_configs()
+
+
+def _rewrite_model_path(argv: list[str]) -> list[str]:
+    """Let `model=/some/dir` or `model=org/name` stand for `model=hf model.path=...`."""
+    options = {p.stem for p in Path(CONF_DIR, "model").glob("*.yaml")}
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key == "model" and sep and value not in options and "," not in value and (
+            "/" in value or os.path.isdir(value)
+        ):
+            out += ["model=hf", f"model.path={value}"]
+        else:
+            out.append(arg)
+    return out
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from hydra.types import RunMode
+
+    from evoexp.errors import UserError
+    from evoexp.run import run_job
+
+    hc = HydraConfig.get()
+    try:
+        return run_job(cfg, Path(hc.runtime.output_dir))
+    except UserError as ex:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the other jobs of the sweep go on; Hydra reports this one at the end
+        print(f"evoexp: error: {ex}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(ex: BaseException) -> str | None:
+    """The message to print for a user mistake, or None for a genuine bug (which keeps its traceback)."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from evoexp.errors import UserError
+
+    if isinstance(ex, UserError):
+        return str(ex)
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
+    if isinstance(ex, OmegaConfBaseException) or cause is not None:
+        err = cause or ex
+        key = getattr(err, "full_key", None)
+        msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+        return f"{key}: {msg}" if key else msg
+    if isinstance(ex, MissingConfigException):
+        lines = [ln.strip() for ln in str(ex).strip().splitlines() if ln.strip()]
+        head = [ln for ln in lines if not ln.startswith("Available options")][:1]
+        options = [ln for ln in lines[1:] if " " not in ln]
+        return "; ".join(head + ([f"available: {', '.join(options)}"] if options else []))
+    if isinstance(ex, HydraException):
+        lines = [ln.strip() for ln in str(ex).strip().splitlines() if ln.strip()]
+        return " ".join(lines[:2]) if lines else type(ex).__name__
+    return None
+
+
+def main() -> None:
+    wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
+    # Hydra would print its own multi-line report; we take exceptions ourselves to print user errors as one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    sys.argv = [sys.argv[0]] + _rewrite_model_path(sys.argv[1:])
+    try:
+        _hydra_main()
+    except Exception as ex:  # noqa: BLE001 - the top of the program decides how to report
+        msg = None if wants_trace else _one_line(ex)
+        if msg is None:
+            raise
+        print(f"evoexp: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""User-facing errors: the CLI prints these as one line, never as a traceback."""
+
+
+class UserError(Exception):
+    """A mistake in the input (config, path, data), explained in one line that names the key or file."""

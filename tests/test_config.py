@@ -1,0 +1,139 @@
+"""Every config file composes into the typed schema; bad overrides fail naming the key."""
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from evoexp.config import DataCfg, EvalCfg, ModelCfg, RunCfg
+
+from .conftest import CONF, run_cfg, run_cli
+
+# Options that need a value the user must supply.
+REQUIRED = {
+    "model/hf": ["model.path=/some/checkpoint"],
+    "data/text_file": ["data.calib=/a.txt", "data.eval=/b.txt"],
+}
+GROUPS = ["model", "data", "method", "search", "fitness", "eval", "logger"]
+
+
+def group_options():
+    for group in GROUPS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield f"{group}/{path.stem}"
+
+
+@pytest.mark.parametrize("option", list(group_options()))
+def test_every_group_option_composes_to_typed_config(compose, option):
+    group, name = option.split("/")
+    cfg = compose([f"{group}={name}", *REQUIRED.get(option, [])])
+    run = run_cfg(cfg)
+    assert isinstance(run, RunCfg)
+    assert isinstance(run.model, ModelCfg) and isinstance(run.data, DataCfg) and isinstance(run.eval, EvalCfg)
+    assert run.name == f"{cfg.hydra.runtime.choices.method}-{cfg.hydra.runtime.choices.model}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes(compose, name):
+    cfg = compose([f"experiment={name}", "model=tiny"])
+    assert isinstance(run_cfg(cfg), RunCfg)
+
+
+def test_all_conf_files_are_covered():
+    """No config file sits outside the groups the tests compose."""
+    files = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
+    covered = {f"{o}.yaml" for o in group_options()} | {f"experiment/{p.name}" for p in (CONF / "experiment").glob("*.yaml")}
+    covered |= {"config.yaml", "hydra/output/evoexp.yaml", "hydra/help/evoexp.yaml"}
+    assert files <= covered, files - covered
+
+
+def test_defaults(compose):
+    run = run_cfg(compose([]))
+    assert run.model.name == "smollm2_135m" and run.model.source == "embedded"
+    assert run.data.calib == "wikitext2:validation" and run.data.eval == "wikitext2:test"
+    assert run.eval.datasets == ["wikitext2:test"] and run.eval.seq_len == 2048 and run.eval.bos is False
+    assert run.method.kind == "dense" and run.logger.kind == "wandb"
+
+
+def test_experiment_overrides_primary_values(compose):
+    run = run_cfg(compose(["experiment=dense_reference"]))
+    assert run.eval.windows is None
+    assert [d.value for d in run.eval.dtypes] == ["float32", "bfloat16"]
+    assert run.tags == ["reference"]
+
+
+@pytest.mark.parametrize("override,key", [("eval.windws=2", "eval.windws"), ("seedd=1", "seedd"),
+                                          ("eval.windows=abc", "eval.windows"), ("dtype=fp8", "dtype"),
+                                          ("model.seq_len=1.5", "model.seq_len")])
+def test_bad_override_fails_at_composition(compose, override, key):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    assert key.split(".")[-1] in str(info.value) + str(info.value.__cause__)
+
+
+def test_run_dir_is_deterministic_and_ignores_logger(compose):
+    a = compose(["model=tiny", "eval.windows=2", "logger=none"])
+    b = compose(["eval.windows=2", "model=tiny", "logger=wandb"])
+    assert a.hydra.run.dir == b.hydra.run.dir
+    assert a.hydra.run.dir.endswith("runs/dense-tiny/eval.windows=2,model=tiny")
+    assert compose([]).hydra.run.dir.endswith("runs/dense-smollm2_135m/default")
+
+
+# --- the command line, as users run it --------------------------------------------------------------------------
+def one_line_error(proc):
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("evoexp: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["model=tiny", "eval.windws=2"], "eval.windws"),
+    (["model=tiny", "eval.windows=abc"], "eval.windows"),
+    (["model=/no/such/checkpoint"], "model.path '/no/such/checkpoint'"),
+    (["model=no_such_option"], "model/no_such_option"),
+    (["model=tiny", "data.calib=/no/such/file.txt"], "data.calib"),
+    (["model=tiny", "eval.windows=100000"], "eval.windows"),
+])
+def test_cli_user_errors_are_one_line(tmp_path, args, expect):
+    proc = run_cli(*args, "logger=none", env={"EVOEXP_OUT": str(tmp_path)})
+    assert expect in one_line_error(proc)
+
+
+def test_cli_tiny_run_writes_run_dir(tmp_path):
+    proc = run_cli("model=tiny", "eval.windows=2", "logger=none", env={"EVOEXP_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "dense-tiny" / "eval.windows=2,model=tiny"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "done"
+    entry = result["metrics"]["ppl"]["wikitext2:test"]
+    assert entry["protocol"]["windows"] == 2 and entry["protocol"]["seq_len"] == 128
+    # A random model over 259 byte tokens: PPL near the vocabulary size, far from 1.
+    assert 100 < entry["float32"]["ppl"] < 600
+    assert result["versions"]["torch"] and result["timings"]["load_model"] >= 0
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "evoexp.log").exists()
+    assert f"{entry['float32']['ppl']:.4f}" in proc.stdout
+
+    again = run_cli("model=tiny", "eval.windows=2", "logger=none", env={"EVOEXP_OUT": str(tmp_path)})
+    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+
+
+def test_cli_help_and_cfg():
+    help_ = run_cli("--help")
+    assert help_.returncode == 0 and "model: " in help_.stdout and "smollm2_135m" in help_.stdout
+    job = run_cli("model=tiny", "--cfg", "job")
+    assert job.returncode == 0 and "source: tiny" in job.stdout
+
+
+def test_cli_multirun_one_dir_and_one_wandb_run_per_job(tmp_path):
+    proc = run_cli("-m", "model=tiny", "eval.windows=1", "seed=0,1", "sweep_name=t", "logger=wandb",
+                   "logger.mode=offline", env={"EVOEXP_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    dirs = sorted((tmp_path / "sweeps" / "t").glob("*seed=*"))
+    assert [d.name for d in dirs] == ["eval.windows=1,model=tiny,seed=0", "eval.windows=1,model=tiny,seed=1"]
+    ids = [(d / "wandb_id.txt").read_text() for d in dirs]
+    assert ids[0] != ids[1]
+    for d, run_id in zip(dirs, ids):
+        assert json.loads((d / "result.json").read_text())["status"] == "done"
+        assert len(list((d / "wandb").glob(f"offline-run-*-{run_id.strip()}"))) == 1
