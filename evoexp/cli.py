@@ -29,6 +29,9 @@ def _dirname(override_dirname: str) -> str:
 
 if not OmegaConf.has_resolver("evoexp_dirname"):
     OmegaConf.register_new_resolver("evoexp_dirname", _dirname)
+if not OmegaConf.has_resolver("evoexp_div"):
+    # Token budgets are stated in tokens; configs turn them into windows of the model's length.
+    OmegaConf.register_new_resolver("evoexp_div", lambda a, b: max(1, int(a) // int(b)))
 register_configs()
 
 

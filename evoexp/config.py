@@ -86,6 +86,8 @@ class FitnessCfg:
     kind: str = "kl"  # kl | topk_kl | ppl
     topk: int = 512
     chunk_tokens: int = 2048
+    max_memory_gb: float = 8.0  # teacher targets above this size are memory-mapped from the run dir
+    report_tokens: int = 16384  # fitness of dense / found / reference models is reported on this many tokens
 
 
 @dataclass
@@ -105,8 +107,66 @@ class DenseMethodCfg:
 
 
 @dataclass
+class DropMethodCfg:
+    """Depth pruning: drop int(target * n) attention and as many MLP sub-blocks (or whole blocks / pairs)."""
+
+    kind: str = "drop"
+    target: float = 0.25
+    unit: str = "sub_block"  # sub_block | block | pair
+    droppable: Optional[List[int]] = None  # whitelist of block indices; null = every block
+    export: bool = False  # write the pruned model as a Hugging Face checkpoint into the run dir
+
+
+@dataclass
 class NoSearchCfg:
     kind: str = "none"
+
+
+@dataclass
+class StageCfg:
+    survivors: int = 1
+    tokens: int = 2048
+
+
+@dataclass
+class EvoPressCfg:
+    kind: str = "evopress"
+    generations: Optional[int] = None  # null: the method's default (depth pruning: k(n-k)/1.5)
+    offspring: int = 32
+    stages: List[StageCfg] = field(default_factory=lambda: [StageCfg(2, 2048), StageCfg(1, 32768)])
+    max_switches: int = 3  # a child gets min(U{1..m}, U{1..m}) level switches
+    init: str = "random"  # random (best of init_candidates) | uniform
+    init_candidates: int = 64
+    init_tokens: int = 2048
+    max_tries: int = 100
+    references: List[str] = field(default_factory=lambda: ["shortgpt"])  # baselines evaluated alongside
+    incremental: bool = True  # reuse the parent's block inputs (false: full forward per candidate)
+    max_batch: int = 8  # calibration windows per forward
+
+
+@dataclass
+class RandomSearchCfg:
+    kind: str = "random"
+    candidates: int = 64
+    tokens: int = 8192
+    references: List[str] = field(default_factory=list)
+
+
+@dataclass
+class BruteSearchCfg:
+    kind: str = "brute"
+    tokens: int = 8192
+    max_states: int = 100_000
+    references: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ScoreSearchCfg:
+    """One-shot depth baselines that rank blocks by a score (ShortGPT and friends)."""
+
+    kind: str = "shortgpt"  # shortgpt | window_cosine | subcloning | shortened_llama
+    tokens: int = 8192  # calibration tokens the scores are computed on
+    references: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,7 +191,12 @@ class RunCfg:
 # Group options with their own fields (method, search) get their own schema; the rest share RunCfg's types.
 OPTION_SCHEMAS = {
     "method/dense": DenseMethodCfg,
+    "method/drop": DropMethodCfg,
     "search/none": NoSearchCfg,
+    "search/evopress": EvoPressCfg,
+    "search/random": RandomSearchCfg,
+    "search/brute": BruteSearchCfg,
+    "search/score": ScoreSearchCfg,
 }
 
 

@@ -77,13 +77,19 @@ class Job:
         log.info("model %s: %d blocks, %.1fM parameters, %s on %s", loaded.name, loaded.adapter.num_blocks,
                  loaded.num_params / 1e6, dtype, device)
 
-        if rc.method.kind != "dense":
-            raise UserError(f"method: {rc.method.kind!r} is not available in this version (method=dense)")
-
         metrics: dict = {}
-        if rc.eval.ppl and rc.eval.datasets:
-            with self.timed("eval_ppl"):
-                metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
+        extra: dict = {}
+        if rc.method.kind == "dense":
+            if rc.eval.ppl and rc.eval.datasets:
+                with self.timed("eval_ppl"):
+                    metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
+        elif rc.method.kind == "drop":
+            from evoexp.recipes.depth import DepthPruningRecipe
+
+            extra = DepthPruningRecipe(rc, loaded, self.out_dir, self.tracker, self.timed).run()
+            metrics["ppl"] = extra.pop("ppl")
+        else:
+            raise UserError(f"method: unknown kind {rc.method.kind!r}")
         self.tracker.summary({"eval": ppl_scalars(metrics.get("ppl", {}))})
 
         result = {
@@ -100,6 +106,7 @@ class Job:
             "method": self.config["method"],
             "timings": self.timings,
             "metrics": metrics,
+            **extra,
             "objective": first_ppl(metrics.get("ppl", {})),
             "config": self.config,
         }
@@ -147,9 +154,30 @@ def first_ppl(ppl: dict) -> float | None:
 def print_summary(result: dict) -> None:
     print(f"\n{result['name']}  ({result['model']['name']}, {result['model']['parameters'] / 1e6:.1f}M params)"
           f"  ->  {result['run_dir']}")
+    if "models" in result:
+        print_models(result)
+        return
     for spec, entry in result["metrics"].get("ppl", {}).items():
         proto = entry["protocol"]
         cells = "  ".join(f"{dtype} {fig['ppl']:.4f}{' (cached)' if fig.get('cached') else ''}"
                           for dtype, fig in entry.items() if dtype != "protocol")
         print(f"  {spec} PPL: {cells}   [{proto['windows']} windows x {proto['seq_len']} tokens, "
               f"{'BOS' if proto['bos'] else 'no BOS'}]")
+
+
+def print_models(result: dict) -> None:
+    """The found configuration next to dense and the reference baselines."""
+    alloc = result["allocation"]
+    print(f"  found by {alloc['search']}: attention dropped in blocks {alloc['attn_dropped']}, "
+          f"MLP dropped in blocks {alloc['mlp_dropped']}")
+    rows = []
+    for name, entry in result["models"].items():
+        cells = [f"{name:<16}", f"{entry['fitness']:>10.5f}"]
+        for spec, ppl in entry.get("ppl", {}).items():
+            cells += [f"{fig['ppl']:>12.3f}" for d, fig in ppl.items() if d != "protocol"]
+        rows.append("  ".join(cells))
+    first = next(iter(result["models"].values()))
+    heads = [f"{spec} PPL ({d})" for spec, ppl in first.get("ppl", {}).items() for d in ppl if d != "protocol"]
+    print(f"  {'model':<16}  {first['fitness_kind'] + ' fitness':>10}  " + "  ".join(heads))
+    for row in rows:
+        print("  " + row)

@@ -134,9 +134,16 @@ class DecoderAdapter:
         """Final-norm hidden states, without materialising the vocabulary-sized logits."""
         return self.body(input_ids=input_ids, use_cache=False).last_hidden_state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Head (plus Gemma-2 style final soft-capping) on already-normalised hidden states."""
-        out = self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Head (plus Gemma-2 style final soft-capping) on already-normalised hidden states.
+
+        With `rows`, only those vocabulary rows of the head are computed (top-k fitness needs no more).
+        """
+        if rows is None:
+            out = self.lm_head(hidden)
+        else:
+            bias = self.lm_head.bias[rows] if self.lm_head.bias is not None else None
+            out = torch.nn.functional.linear(hidden, self.lm_head.weight[rows], bias)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             out = torch.tanh(out / cap) * cap

@@ -1,0 +1,158 @@
+"""Candidate fitness against the dense teacher, from the student's final hidden states (lower is better).
+
+- kl: mean over predicted positions of KL(P_teacher || Q_student) over the whole vocabulary.
+- topk_kl: the same on the teacher's top-k tokens only, both sides renormalised over that support; the
+  student's head is evaluated on those vocabulary rows only.
+- ppl: the student's mean next-token NLL (log-perplexity), no teacher needed.
+
+The teacher's targets are computed once per calibration token and kept in memory, or in a memory-mapped file
+when larger than `max_memory_gb`. For kl they are fp16 probabilities plus a per-position fp32 Σ p·log p term,
+which makes KL of the teacher with itself exactly 0.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from evoexp.errors import UserError
+from evoexp.models.adapter import DecoderAdapter
+
+log = logging.getLogger(__name__)
+KINDS = ("kl", "topk_kl", "ppl")
+
+
+@dataclass
+class Minibatch:
+    """Calibration windows (index, number of tokens used from its start); the same for every candidate."""
+
+    items: list[tuple[int, int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def groups(self, max_batch: int) -> list[tuple[list[int], int]]:
+        """Windows of equal length batched together (at most `max_batch` per batch)."""
+        by_len: dict[int, list[int]] = {}
+        for idx, n in self.items:
+            by_len.setdefault(n, []).append(idx)
+        return [(ids[i: i + max_batch], n) for n, ids in sorted(by_len.items(), reverse=True)
+                for i in range(0, len(ids), max_batch)]
+
+
+def sample_minibatch(num_windows: int, seq_len: int, tokens: int, rng: np.random.Generator) -> Minibatch:
+    """Distinct random windows until exactly `tokens` tokens; the last one is truncated."""
+    if tokens > num_windows * seq_len:
+        raise UserError(f"search.stages: a stage asks for {tokens} tokens but the calibration set has "
+                        f"{num_windows} x {seq_len} = {num_windows * seq_len} (raise data.calib_windows)")
+    if tokens < 2:
+        raise UserError("search.stages: tokens must be at least 2")
+    order = rng.permutation(num_windows)
+    items, left = [], tokens
+    for idx in order:
+        take = min(seq_len, left)
+        if take < 2:  # a 1-token window predicts nothing; give its token to the previous window instead
+            break
+        items.append((int(idx), take))
+        left -= take
+        if left == 0:
+            break
+    return Minibatch(items)
+
+
+class Teacher:
+    """Dense-model targets for every calibration window, and the fitness of student hidden states."""
+
+    def __init__(self, adapter: DecoderAdapter, windows: torch.Tensor, kind: str = "kl", topk: int = 512,
+                 chunk_tokens: int = 2048, max_memory_gb: float = 8.0, storage_dir: Path | None = None):
+        if kind not in KINDS:
+            raise UserError(f"fitness.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        self.adapter, self.windows, self.kind = adapter, windows, kind
+        self.topk, self.chunk = topk, chunk_tokens
+        self.max_memory_gb, self.storage_dir = max_memory_gb, storage_dir
+        self.probs = self.neg_entropy = self.top_idx = self.top_logp = None
+
+    # --- building ----------------------------------------------------------------------------------------------
+    def _alloc(self, name: str, shape: tuple, dtype: np.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes <= self.max_memory_gb * 2**30 or self.storage_dir is None:
+            return torch.from_numpy(np.empty(shape, dtype=dtype))
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        path = self.storage_dir / f"teacher_{name}.npy"
+        log.info("teacher %s: %.1f GiB memory-mapped at %s", name, nbytes / 2**30, path)
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape))
+
+    @torch.inference_mode()
+    def build(self, runner, batch: int = 8) -> "Teacher":
+        if self.kind == "ppl":
+            return self
+        n, length = self.windows.shape
+        positions, vocab = length - 1, self.adapter.lm_head.weight.shape[0]
+        if self.kind == "kl":
+            self.probs = self._alloc("probs", (n, positions, vocab), np.float16)
+            self.neg_entropy = torch.empty((n, positions), dtype=torch.float32)
+        else:
+            k = min(self.topk, vocab)
+            self.top_idx = self._alloc("top_idx", (n, positions, k), np.int32)
+            self.top_logp = self._alloc("top_logp", (n, positions, k), np.float32)
+        device = next(self.adapter.model.parameters()).device
+        for w0 in tqdm(range(0, n, batch), desc=f"teacher ({self.kind})", unit="batch", leave=False):
+            ids = self.windows[w0: w0 + batch].to(device)
+            hidden = runner.final(runner.run(runner.embed(ids), 0))[:, :-1]
+            for w, h in zip(range(w0, w0 + ids.shape[0]), hidden):
+                self._store(w, h)
+        return self
+
+    def _store(self, w: int, hidden: torch.Tensor) -> None:
+        for s in range(0, hidden.shape[0], self.chunk):
+            logp = F.log_softmax(self.adapter.logits(hidden[s: s + self.chunk]).float(), dim=-1)
+            if self.kind == "kl":
+                p16 = logp.exp().half()
+                self.probs[w, s: s + self.chunk] = p16.cpu()
+                self.neg_entropy[w, s: s + self.chunk] = (p16.float() * logp).sum(-1).cpu()
+            else:
+                vals, idx = logp.topk(self.top_idx.shape[-1], dim=-1)
+                self.top_idx[w, s: s + self.chunk] = idx.int().cpu()
+                self.top_logp[w, s: s + self.chunk] = F.log_softmax(vals, dim=-1).cpu()
+
+    # --- scoring -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def loss_sum(self, hidden: torch.Tensor, window_ids: list[int], length: int) -> tuple[float, int]:
+        """Summed per-position loss and number of positions for final hidden states [b, length, d]."""
+        h = hidden[:, : length - 1].reshape(-1, hidden.shape[-1])
+        rows = torch.tensor(window_ids)
+        total = 0.0
+        for s in range(0, h.shape[0], self.chunk):
+            hs = h[s: s + self.chunk]
+            sel = _flat_positions(rows, length - 1, s, hs.shape[0])
+            total += self._chunk_loss(hs, *sel)
+        return total, h.shape[0]
+
+    def _chunk_loss(self, h: torch.Tensor, win: torch.Tensor, pos: torch.Tensor) -> float:
+        if self.kind == "ppl":
+            targets = self.windows[win, pos + 1].to(h.device)
+            return F.cross_entropy(self.adapter.logits(h).float(), targets, reduction="sum").double().item()
+        if self.kind == "kl":
+            z = self.adapter.logits(h).float()
+            p = self.probs[win, pos].to(h.device).float()
+            cross = (p * z).sum(-1) - p.sum(-1) * torch.logsumexp(z, dim=-1)  # Σ p·log q
+            return (self.neg_entropy[win, pos].to(h.device) - cross).double().sum().item()
+        idx = self.top_idx[win, pos].to(h.device).long()
+        rows, inverse = torch.unique(idx, return_inverse=True)
+        z = self.adapter.logits(h, rows=rows).float()
+        slogp = F.log_softmax(torch.gather(z, 1, inverse), dim=-1)
+        tlogp = self.top_logp[win, pos].to(h.device)
+        return (tlogp.exp() * (tlogp - slogp)).double().sum().item()
+
+
+def _flat_positions(window_ids: torch.Tensor, positions: int, start: int, count: int):
+    """(window, position) of flattened rows [start, start+count) of a [len(window_ids), positions] block."""
+    flat = torch.arange(start, start + count)
+    return window_ids[flat // positions], flat % positions

@@ -1,0 +1,173 @@
+"""EvoPress: (1+λ) evolutionary search with level-switch mutations and multi-step selection.
+
+Each generation: λ distinct children of the parent (each with min(U{1..3}, U{1..3}) switches); every stage
+scores all remaining candidates on the same fresh random minibatch and keeps the best `survivors`; the parent
+joins at the last stage only (elitism, re-scored on fresh data as in the authors' code). The search state
+(parent, RNG, generation, history) is checkpointed atomically after every generation, so a killed run resumes
+and ends exactly where an uninterrupted one with the same seed would.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from evoexp.errors import UserError
+from evoexp.fitness import Minibatch
+from evoexp.search.evaluator import CandidateEvaluator
+from evoexp.search.space import LevelSpace
+from evoexp.utils import append_jsonl, read_json, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+Sampler = Callable[[int, np.random.Generator], Minibatch]
+
+
+@dataclass
+class Stage:
+    survivors: int = 1
+    tokens: int = 2048
+
+
+@dataclass
+class SearchResult:
+    state: np.ndarray
+    fitness: float
+    generations: int
+    history: list[dict] = field(default_factory=list)
+    evaluations: int = 0
+
+
+@dataclass
+class EvoPressSettings:
+    generations: int
+    offspring: int
+    stages: list[Stage]
+    max_switches: int = 3
+    init: str = "random"  # random | uniform
+    init_candidates: int = 64
+    init_tokens: int = 2048
+    max_tries: int = 100  # mutation attempts per wanted child before the space counts as exhausted
+
+
+class EvoPress:
+    def __init__(self, settings: EvoPressSettings, space: LevelSpace, evaluator: CandidateEvaluator,
+                 sample: Sampler, seed: int, run_dir: Path | None = None,
+                 on_generation: Callable[[dict], None] | None = None):
+        if not settings.stages:
+            raise UserError("search.stages: at least one stage is needed")
+        if settings.stages[-1].survivors < 1 or any(s.survivors < 1 for s in settings.stages):
+            raise UserError("search.stages: survivors must be >= 1")
+        self.s, self.space, self.evaluator, self.sample = settings, space, evaluator, sample
+        self.seed, self.on_generation = seed, on_generation
+        self.state_file = run_dir / "search_state.json" if run_dir else None
+        self.history_file = run_dir / "history.jsonl" if run_dir else None
+        self.key = stable_hash({"settings": asdict(settings), "names": space.names, "targets": space.targets,
+                                "seed": seed})
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        rng, gen, parent, parent_fit, history = self._resume() or self._start()
+        t_start = time.time()
+        done_at_start = gen
+        while gen < self.s.generations:
+            t0 = time.time()
+            kids = self._offspring(parent, rng)
+            stage_log = []
+            cands = kids
+            for i, stage in enumerate(self.s.stages):
+                if i == len(self.s.stages) - 1:
+                    cands = cands + [parent]
+                batch = self.sample(stage.tokens, rng)
+                fits = self.evaluator.score(cands, batch, parent=parent)
+                order = np.argsort(fits, kind="stable")[: stage.survivors]
+                stage_log.append({"tokens": batch.tokens, "candidates": len(cands),
+                                  "fitness": [float(fits[j]) for j in np.argsort(fits, kind="stable")]})
+                cands = [cands[j] for j in order]
+                best_fit = float(fits[order[0]])
+            parent, parent_fit = cands[0], best_fit
+            gen += 1
+            record = {"generation": gen, "parent_fitness": parent_fit, "stages": stage_log,
+                      "evaluations": sum(s["candidates"] for s in stage_log),
+                      "tokens": sum(s["tokens"] * s["candidates"] for s in stage_log),
+                      "seconds": round(time.time() - t0, 3), "parent": parent.tolist()}
+            history.append(record)
+            self._checkpoint(rng, gen, parent, parent_fit, history, record)
+            self._progress(gen, parent_fit, t_start, done_at_start)
+            if self.on_generation:
+                self.on_generation(record)
+        return SearchResult(parent, parent_fit, gen, history, self.evaluator.evaluations)
+
+    def _offspring(self, parent: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        kids, seen = [], {parent.tobytes()}
+        budget = self.s.max_tries * self.s.offspring
+        for _ in range(budget):
+            child = self.space.mutate(parent, rng, self.s.max_switches)
+            key = child.tobytes()
+            if key in seen or not self.space.feasible(child):
+                continue
+            seen.add(key)
+            kids.append(child)
+            if len(kids) == self.s.offspring:
+                return kids
+        raise UserError(f"search.offspring: only {len(kids)} distinct children of the parent found in {budget} "
+                        f"mutations; the space around it is exhausted (lower search.offspring)")
+
+    def _start(self):
+        rng = np.random.Generator(np.random.PCG64(self.seed))
+        if self.s.init == "uniform":
+            parent = self.space.uniform_state()
+            fit = self.evaluator.score([parent], self.sample(self.s.init_tokens, rng))[0]
+        elif self.s.init == "random":
+            cands, seen = [], set()
+            for _ in range(self.s.max_tries * self.s.init_candidates):
+                st = self.space.random_state(rng)
+                if st.tobytes() not in seen:
+                    seen.add(st.tobytes())
+                    cands.append(st)
+                if len(cands) == self.s.init_candidates:
+                    break
+            fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng))
+            best = int(np.argmin(fits))
+            parent, fit = cands[best], float(fits[best])
+        else:
+            raise UserError(f"search.init: expected random | uniform, got {self.s.init!r}")
+        log.info("search start: fitness %.5f (%s init), %d generations of %d offspring", fit, self.s.init,
+                 self.s.generations, self.s.offspring)
+        if self.history_file is not None and self.history_file.exists():
+            self.history_file.unlink()
+        return rng, 0, parent, float(fit), []
+
+    # --- checkpointing -----------------------------------------------------------------------------------------
+    def _checkpoint(self, rng, gen, parent, parent_fit, history, record) -> None:
+        if self.state_file is None:
+            return
+        write_json(self.state_file, {"key": self.key, "generation": gen, "parent": parent.tolist(),
+                                     "parent_fitness": parent_fit, "rng": rng.bit_generator.state,
+                                     "history": history})
+        append_jsonl(self.history_file, record)
+
+    def _resume(self):
+        if self.state_file is None or not self.state_file.exists():
+            return None
+        saved = read_json(self.state_file)
+        if saved.get("key") != self.key:
+            raise UserError(f"{self.state_file}: holds a search with other settings; resume=false starts over")
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = saved["rng"]
+        history = saved["history"]
+        # history.jsonl may hold a line of a generation that was not checkpointed: rewrite it from the state.
+        self.history_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        log.info("resuming search at generation %d/%d (fitness %.5f)", saved["generation"], self.s.generations,
+                 saved["parent_fitness"])
+        return rng, saved["generation"], np.array(saved["parent"], dtype=np.int64), saved["parent_fitness"], history
+
+    def _progress(self, gen: int, fit: float, t_start: float, done_at_start: int) -> None:
+        per_gen = (time.time() - t_start) / max(1, gen - done_at_start)
+        eta = per_gen * (self.s.generations - gen)
+        log.info("gen %d/%d  fitness %.5f  %.1f s/gen  ETA %s", gen, self.s.generations, fit, per_gen,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))

@@ -1,0 +1,135 @@
+"""Depth pruning on the tiny model: level spaces, candidate evaluation, baselines and the CLI commands."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evoexp.blockrun import BlockRunner
+from evoexp.config import DropMethodCfg
+from evoexp.errors import UserError
+from evoexp.fitness import Teacher, sample_minibatch
+from evoexp.methods.depth import depth_space, score_baseline
+from evoexp.methods.drop import DropApplier
+from evoexp.search.evaluator import CandidateEvaluator
+
+from .conftest import run_cli
+
+
+def test_depth_spaces():
+    ds = depth_space(DropMethodCfg(target=0.25), 30)
+    assert ds.k == 7 and ds.space.size == 60 and ds.space.targets == [7, 7]
+    assert ds.default_generations == int(7 * 23 / 1.5)
+    cfg = ds.to_config(ds.space.random_state(np.random.default_rng(0)))
+    assert sum(cfg.attn) == 7 and sum(cfg.mlp) == 7
+    blocks = depth_space(DropMethodCfg(target=0.5, unit="block"), 8)
+    assert blocks.space.size == 8 and blocks.k == 4
+    cfg = blocks.to_config(blocks.space.random_state(np.random.default_rng(0)))
+    assert cfg.attn == cfg.mlp and sum(cfg.attn) == 4
+    pairs = depth_space(DropMethodCfg(target=0.5, unit="pair"), 8)
+    assert pairs.space.names == ["pair.0-1", "pair.2-3", "pair.4-5", "pair.6-7"] and pairs.k == 2
+    cfg = pairs.to_config(np.array([0, 1, 0, 1]))
+    assert cfg.attn == [False, False, True, True, False, False, True, True]
+    white = depth_space(DropMethodCfg(target=0.25, droppable=[1, 2, 5]), 8)
+    for _ in range(20):
+        st = white.space.mutate(white.space.random_state(np.random.default_rng(_)), np.random.default_rng(_))
+        dropped = np.flatnonzero(st[:8]).tolist() + np.flatnonzero(st[8:]).tolist()
+        assert set(dropped) <= {1, 2, 5}
+    with pytest.raises(UserError, match="method.target"):
+        depth_space(DropMethodCfg(target=0.01), 8)
+    with pytest.raises(UserError, match="method.droppable"):
+        depth_space(DropMethodCfg(droppable=[9]), 8)
+
+
+@pytest.fixture(scope="module")
+def rig(tiny):
+    windows = torch.randint(3, 259, (12, 32), generator=torch.Generator().manual_seed(0))
+    runner = BlockRunner(tiny.adapter)
+    ds = depth_space(DropMethodCfg(target=0.25), tiny.adapter.num_blocks)
+    applier = DropApplier(tiny.adapter)
+    teacher = Teacher(tiny.adapter, windows, "kl").build(runner)
+    yield tiny, runner, ds, applier, teacher
+    applier.restore()
+
+
+def evaluator(rig, incremental=True, kind=None):
+    tiny, runner, ds, applier, teacher = rig
+    if kind:
+        teacher = Teacher(tiny.adapter, teacher.windows, kind)
+    return CandidateEvaluator(runner, teacher, lambda st: applier.apply(ds.to_config(st)), ds.space.unit_block,
+                              max_batch=4, incremental=incremental)
+
+
+def test_incremental_scoring_equals_full_forwards(rig):
+    _, _, ds, _, _ = rig
+    rng = np.random.default_rng(0)
+    parent = ds.space.random_state(rng)
+    kids = [ds.space.mutate(parent, rng) for _ in range(6)] + [parent]
+    batch = sample_minibatch(12, 32, 200, rng)
+    fast, naive = evaluator(rig), evaluator(rig, incremental=False)
+    a = fast.score(kids, batch, parent=parent)
+    b = naive.score(kids, batch, parent=parent)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert fast.block_passes < naive.block_passes
+
+
+def test_dense_state_has_zero_kl_and_drops_hurt(rig):
+    _, _, ds, _, _ = rig
+    batch = sample_minibatch(12, 32, 128, np.random.default_rng(1))
+    dense = np.zeros(ds.space.size, dtype=np.int64)
+    fits = evaluator(rig).score([dense, ds.space.random_state(np.random.default_rng(2))], batch)
+    assert abs(fits[0]) < 1e-6 and fits[1] > 1e-4
+
+
+def test_shortgpt_drops_least_influential_blocks(rig):
+    tiny, runner, ds, applier, teacher = rig
+    batch = sample_minibatch(12, 32, 12 * 32, np.random.default_rng(0))
+    state = score_baseline("shortgpt", ds, evaluator(rig, kind="ppl"), batch)
+    cfg = ds.to_config(state)
+    assert cfg.attn == cfg.mlp and sum(cfg.attn) == ds.k
+    # Block Influence by hand, from hooks on the blocks of the dense model.
+    applier.restore()
+    io = {}
+    hooks = [blk.register_forward_hook(lambda m, a, o, i=i: io.__setitem__(i, (a[0], o[0] if isinstance(o, tuple) else o)))
+             for i, blk in enumerate(tiny.adapter.blocks)]
+    bi = np.zeros(tiny.adapter.num_blocks)
+    with torch.no_grad():
+        for idx, n in batch.items:
+            tiny.model(teacher.windows[idx: idx + 1, :n])
+            for i, (h_in, h_out) in io.items():
+                bi[i] += (1 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)).sum().item()
+    for h in hooks:
+        h.remove()
+    assert [i for i, d in enumerate(cfg.attn) if d] == sorted(np.argsort(bi)[: ds.k].tolist())
+
+
+@pytest.mark.parametrize("kind", ["window_cosine", "subcloning", "shortened_llama"])
+def test_other_baselines_drop_k_whole_blocks(rig, kind):
+    _, _, ds, _, _ = rig
+    batch = sample_minibatch(12, 32, 256, np.random.default_rng(0))
+    cfg = ds.to_config(score_baseline(kind, ds, evaluator(rig, kind="ppl"), batch))
+    dropped = [i for i, d in enumerate(cfg.attn) if d]
+    assert cfg.attn == cfg.mlp and len(dropped) == ds.k
+    if kind == "window_cosine":
+        assert dropped == list(range(dropped[0], dropped[0] + ds.k))
+
+
+@pytest.mark.parametrize("search", ["evopress", "shortgpt", "random"])
+def test_cli_depth_commands(tmp_path, search):
+    args = ["model=tiny", "method=drop", "method.target=0.25", f"search={search}", "logger=none"]
+    if search == "evopress":
+        args.append("search.generations=2")
+    proc = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = next((tmp_path / "runs" / "drop-tiny").iterdir())
+    allocation = json.loads((run_dir / "allocation.json").read_text())
+    result = json.loads((run_dir / "result.json").read_text())
+    assert len(allocation["attn_dropped"]) == 2 and len(allocation["mlp_dropped"]) == 2
+    assert allocation["search"] == search
+    models = result["models"]
+    assert models["dense"]["fitness"] == pytest.approx(0.0, abs=1e-6)
+    assert models[search]["fitness"] > 0 and "wikitext2:test" in models[search]["ppl"]
+    if search == "evopress":
+        assert "shortgpt" in models
+        history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        assert [h["generation"] for h in history] == [1, 2]
