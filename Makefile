@@ -19,6 +19,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/evoexp experiment=dense_reference
+	$(BIN)/evoexp
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from evoexp.config import register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-_DIRNAME_MAX = 120
+_DIRNAME_MAX = 200
 
 
 def _dirname(override_dirname: str) -> str:

@@ -6,8 +6,11 @@
 - ppl: the student's mean next-token NLL (log-perplexity), no teacher needed.
 
 The teacher's targets are computed once per calibration token and kept in memory, or in a memory-mapped file
-when larger than `max_memory_gb`. For kl they are fp16 probabilities plus a per-position fp32 Σ p·log p term,
-which makes KL of the teacher with itself exactly 0.
+when larger than `max_memory_gb`. For kl, since the student's logits are z = W h (+ b) with the head W shared
+by teacher and student, the cross term factorises: Σ_v p_v z_v = h · (pᵀW) (+ p·b). So per position the
+teacher keeps one hidden-size vector pᵀW and the scalar Σ p·log p - p·b, and a candidate costs its head matmul
+plus one log-sum-exp: KL = Σ p log p - h·(pᵀW) - p·b + logsumexp(z). With Gemma-2 style logit soft-capping z
+is not linear in h, and the teacher keeps fp16 probabilities instead.
 """
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
+from evoexp.utils import progress
 
 log = logging.getLogger(__name__)
 KINDS = ("kl", "topk_kl", "ppl")
@@ -77,7 +80,8 @@ class Teacher:
         self.adapter, self.windows, self.kind = adapter, windows, kind
         self.topk, self.chunk = topk, chunk_tokens
         self.max_memory_gb, self.storage_dir = max_memory_gb, storage_dir
-        self.probs = self.neg_entropy = self.top_idx = self.top_logp = None
+        self.probs = self.neg_entropy = self.top_idx = self.top_logp = self.p_head = None
+        self.factorised = not getattr(adapter.config, "final_logit_softcapping", None)
 
     # --- building ----------------------------------------------------------------------------------------------
     def _alloc(self, name: str, shape: tuple, dtype: np.dtype) -> torch.Tensor:
@@ -95,7 +99,10 @@ class Teacher:
             return self
         n, length = self.windows.shape
         positions, vocab = length - 1, self.adapter.lm_head.weight.shape[0]
-        if self.kind == "kl":
+        if self.kind == "kl" and self.factorised:
+            self.p_head = self._alloc("p_head", (n, positions, self.adapter.lm_head.weight.shape[1]), np.float32)
+            self.neg_entropy = torch.empty((n, positions), dtype=torch.float32)
+        elif self.kind == "kl":
             self.probs = self._alloc("probs", (n, positions, vocab), np.float16)
             self.neg_entropy = torch.empty((n, positions), dtype=torch.float32)
         else:
@@ -103,7 +110,7 @@ class Teacher:
             self.top_idx = self._alloc("top_idx", (n, positions, k), np.int32)
             self.top_logp = self._alloc("top_logp", (n, positions, k), np.float32)
         device = next(self.adapter.model.parameters()).device
-        for w0 in tqdm(range(0, n, batch), desc=f"teacher ({self.kind})", unit="batch", leave=False):
+        for w0 in progress(range(0, n, batch), desc=f"teacher ({self.kind})", unit="batch"):
             ids = self.windows[w0: w0 + batch].to(device)
             hidden = runner.final(runner.run(runner.embed(ids), 0))[:, :-1]
             for w, h in zip(range(w0, w0 + ids.shape[0]), hidden):
@@ -113,7 +120,13 @@ class Teacher:
     def _store(self, w: int, hidden: torch.Tensor) -> None:
         for s in range(0, hidden.shape[0], self.chunk):
             logp = F.log_softmax(self.adapter.logits(hidden[s: s + self.chunk]).float(), dim=-1)
-            if self.kind == "kl":
+            if self.kind == "kl" and self.factorised:
+                p = logp.exp()
+                head = self.adapter.lm_head
+                self.p_head[w, s: s + self.chunk] = (p @ head.weight.float()).cpu()
+                bias = p @ head.bias.float() if head.bias is not None else 0.0
+                self.neg_entropy[w, s: s + self.chunk] = ((p * logp).sum(-1) - bias).cpu()
+            elif self.kind == "kl":
                 p16 = logp.exp().half()
                 self.probs[w, s: s + self.chunk] = p16.cpu()
                 self.neg_entropy[w, s: s + self.chunk] = (p16.float() * logp).sum(-1).cpu()
@@ -139,6 +152,10 @@ class Teacher:
         if self.kind == "ppl":
             targets = self.windows[win, pos + 1].to(h.device)
             return F.cross_entropy(self.adapter.logits(h).float(), targets, reduction="sum").double().item()
+        if self.kind == "kl" and self.factorised:
+            lse = torch.logsumexp(self.adapter.logits(h).float(), dim=-1)
+            cross = (h.float() * self.p_head[win, pos].to(h.device)).sum(-1)
+            return (self.neg_entropy[win, pos].to(h.device) - cross + lse).double().sum().item()
         if self.kind == "kl":
             z = self.adapter.logits(h).float()
             p = self.probs[win, pos].to(h.device).float()

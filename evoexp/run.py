@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evoexp import __version__
 from evoexp.config import RunCfg
-from evoexp.data import check_source
+from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import UserError
 from evoexp.eval import evaluate_ppl
 from evoexp.models import load_model, resolve_device
@@ -76,6 +76,10 @@ class Job:
             loaded = load_model(rc.model, device, TORCH_DTYPES[dtype])
         log.info("model %s: %d blocks, %.1fM parameters, %s on %s", loaded.name, loaded.adapter.num_blocks,
                  loaded.num_params / 1e6, dtype, device)
+        if rc.eval.ppl:  # a protocol the text cannot satisfy should fail now, not after an hour of search
+            for spec in rc.eval.datasets:
+                eval_windows(load_tokens(spec, loaded.tokenizer), loaded.tokenizer, rc.eval.seq_len,
+                             rc.eval.windows, rc.eval.bos)
 
         metrics: dict = {}
         extra: dict = {}

@@ -93,3 +93,16 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar; when stderr is not a terminal (SLURM logs, CI) it redraws at most every 30 s."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("leave", False)
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, **kwargs)

@@ -52,7 +52,10 @@ def test_defaults(compose):
     assert run.model.name == "smollm2_135m" and run.model.source == "embedded"
     assert run.data.calib == "wikitext2:validation" and run.data.eval == "wikitext2:test"
     assert run.eval.datasets == ["wikitext2:test"] and run.eval.seq_len == 2048 and run.eval.bos is False
-    assert run.method.kind == "dense" and run.logger.kind == "wandb"
+    assert run.method.kind == "drop" and run.method.target == 0.25 and run.method.unit == "sub_block"
+    assert run.search.kind == "evopress" and run.search.offspring == 16 and run.search.generations == 60
+    assert run.dtype.value == "bfloat16" and run.data.seq_len == 1024 and run.data.calib_windows == 32
+    assert run.logger.kind == "wandb"
 
 
 def test_experiment_overrides_primary_values(compose):
@@ -75,8 +78,16 @@ def test_run_dir_is_deterministic_and_ignores_logger(compose):
     a = compose(["model=tiny", "eval.windows=2", "logger=none"])
     b = compose(["eval.windows=2", "model=tiny", "logger=wandb"])
     assert a.hydra.run.dir == b.hydra.run.dir
-    assert a.hydra.run.dir.endswith("runs/dense-tiny/eval.windows=2,model=tiny")
-    assert compose([]).hydra.run.dir.endswith("runs/dense-smollm2_135m/default")
+    assert a.hydra.run.dir.endswith("runs/drop-tiny/eval.windows=2,model=tiny")
+    assert compose([]).hydra.run.dir.endswith("runs/drop-smollm2_135m/default")
+
+
+def test_paper_schedule_calibration_follows_the_model(compose):
+    paper = run_cfg(compose(["search=evopress", "model=llama3_8b"]))
+    assert paper.data.seq_len == 8192 and paper.data.calib_windows == 16  # 131,072 tokens
+    assert [(s.survivors, s.tokens) for s in paper.search.stages] == [(2, 2048), (1, 32768)]
+    assert paper.search.offspring == 32 and paper.search.init_candidates == 64 and paper.search.generations is None
+    assert run_cfg(compose(["search=evopress", "model=llama2_7b"])).data.calib_windows == 32  # seq 4096
 
 
 # --- the command line, as users run it --------------------------------------------------------------------------
@@ -101,21 +112,22 @@ def test_cli_user_errors_are_one_line(tmp_path, args, expect):
     assert expect in one_line_error(proc)
 
 
-def test_cli_tiny_run_writes_run_dir(tmp_path):
-    proc = run_cli("model=tiny", "eval.windows=2", "logger=none", env={"EVOEXP_OUT": str(tmp_path)})
+def test_cli_tiny_dense_run_writes_run_dir(tmp_path):
+    args = ["model=tiny", "method=dense", "search=none", "eval.windows=2", "logger=none"]
+    proc = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    run_dir = tmp_path / "runs" / "dense-tiny" / "eval.windows=2,model=tiny"
+    run_dir = tmp_path / "runs" / "dense-tiny" / "eval.windows=2,method=dense,model=tiny,search=none"
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "done"
     entry = result["metrics"]["ppl"]["wikitext2:test"]
-    assert entry["protocol"]["windows"] == 2 and entry["protocol"]["seq_len"] == 128
+    assert entry["protocol"]["windows"] == 2 and entry["protocol"]["seq_len"] == 256
     # A random model over 259 byte tokens: PPL near the vocabulary size, far from 1.
     assert 100 < entry["float32"]["ppl"] < 600
     assert result["versions"]["torch"] and result["timings"]["load_model"] >= 0
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "evoexp.log").exists()
     assert f"{entry['float32']['ppl']:.4f}" in proc.stdout
 
-    again = run_cli("model=tiny", "eval.windows=2", "logger=none", env={"EVOEXP_OUT": str(tmp_path)})
+    again = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
     assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
 
 
@@ -127,11 +139,11 @@ def test_cli_help_and_cfg():
 
 
 def test_cli_multirun_one_dir_and_one_wandb_run_per_job(tmp_path):
-    proc = run_cli("-m", "model=tiny", "eval.windows=1", "seed=0,1", "sweep_name=t", "logger=wandb",
-                   "logger.mode=offline", env={"EVOEXP_OUT": str(tmp_path)})
+    proc = run_cli("-m", "model=tiny", "method=dense", "search=none", "eval.windows=1", "seed=0,1", "sweep_name=t",
+                   "logger=wandb", "logger.mode=offline", env={"EVOEXP_OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     dirs = sorted((tmp_path / "sweeps" / "t").glob("*seed=*"))
-    assert [d.name for d in dirs] == ["eval.windows=1,model=tiny,seed=0", "eval.windows=1,model=tiny,seed=1"]
+    assert [d.name.split(",")[-1] for d in dirs] == ["seed=0", "seed=1"]
     ids = [(d / "wandb_id.txt").read_text() for d in dirs]
     assert ids[0] != ids[1]
     for d, run_id in zip(dirs, ids):

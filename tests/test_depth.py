@@ -133,3 +133,66 @@ def test_cli_depth_commands(tmp_path, search):
         assert "shortgpt" in models
         history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
         assert [h["generation"] for h in history] == [1, 2]
+
+
+def test_cli_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
+    """SIGKILL a tiny search mid-run, rerun the same command: same allocation and history as a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    args = ["model=tiny", "method=drop", "search=evopress_cpu", "search.generations=8", "eval.windows=1",
+            "logger=none", "fitness.report_tokens=2048"]
+    clean = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path / "clean")})
+    assert clean.returncode == 0, clean.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "EVOEXP_OUT": str(out)}
+    proc = subprocess.Popen([sys.executable, "-m", "evoexp", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    history = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list(out.glob("runs/*/*/history.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 3:
+            history = found[0]
+            break
+        time.sleep(0.05)
+    assert history is not None and proc.poll() is None, "the search ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (history.parent / "result.json").exists()
+    resumed = run_cli(*args, env={"EVOEXP_OUT": str(out)})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming search at generation" in resumed.stdout + resumed.stderr
+
+    def outcome(root):
+        run_dir = next(root.glob("runs/*/*"))
+        hist = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+        return (json.loads((run_dir / "allocation.json").read_text())["units"],
+                [(h["generation"], h["parent_fitness"], h["parent"]) for h in hist])
+
+    assert outcome(out) == outcome(tmp_path / "clean")
+
+
+def test_brute_force_and_evopress_agree_on_pair_dropping(rig):
+    """Like the paper's Figure 1 (pairs of blocks), on the tiny model: EvoPress reaches the brute-force optimum."""
+    from evoexp.methods.depth import brute_force
+    from evoexp.search.evopress import EvoPress, EvoPressSettings, Stage
+
+    tiny, runner, _, applier, teacher = rig
+    ds = depth_space(DropMethodCfg(target=0.5, unit="pair"), tiny.adapter.num_blocks)
+    ev = CandidateEvaluator(runner, teacher, lambda st: applier.apply(ds.to_config(st)), ds.space.unit_block)
+    everything = sample_minibatch(12, 32, 12 * 32, np.random.default_rng(0))  # no sampling noise
+    best, best_fit = brute_force(ds, ev, everything, max_states=100)
+    assert ds.space.count_states() == 6
+    settings = EvoPressSettings(generations=4, offspring=4, stages=[Stage(1, 12 * 32)], init_candidates=1,
+                                init_tokens=12 * 32)
+    res = EvoPress(settings, ds.space, ev, lambda tokens, rng: everything, seed=1).run()
+    assert np.array_equal(res.state, best) and res.fitness == pytest.approx(best_fit)
+    with pytest.raises(UserError, match="max_states"):
+        brute_force(ds, ev, everything, max_states=5)

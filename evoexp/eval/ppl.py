@@ -10,12 +10,11 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from evoexp.config import EvalCfg
 from evoexp.data import eval_windows, load_tokens
 from evoexp.models import LoadedModel
-from evoexp.utils import cache_root, read_json, stable_hash, write_json
+from evoexp.utils import cache_root, progress, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,7 +47,7 @@ def windows_nll(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 1,
     """
     device = next(loaded.model.parameters()).device
     nll, count = 0.0, 0
-    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", dynamic_ncols=True, leave=False)
+    bar = progress(total=windows.shape[0], desc=desc, unit="win")
     for start in range(0, windows.shape[0], batch_size):
         x = windows[start: start + batch_size].to(device)
         hidden = loaded.adapter.hidden_states(x)[:, :-1]
