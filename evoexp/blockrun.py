@@ -43,7 +43,8 @@ class BlockRunner:
 
     @torch.inference_mode()
     def block_kwargs(self, batch: int, length: int, device: torch.device) -> list[dict]:
-        """Per-block keyword arguments for inputs of this shape (captured once per shape)."""
+        """Per-block keyword arguments for inputs of this shape (captured once per shape, by one forward of the
+        model on dummy tokens: call it before registering hooks that must see only real data)."""
         key = (batch, length)
         if key not in self._kwargs:
             per_block: list[dict] = [{} for _ in range(self.num_blocks)]

@@ -24,16 +24,17 @@ def layers(embedded):
     ad = embedded.adapter
     wanted = {li.short: li.name for li in ad.linears(5) if li.short in ("q_proj", "o_proj", "up_proj", "down_proj")}
     solvers = {short: HessianAccumulator(ad.module(name).in_features) for short, name in wanted.items()}
+    runner = BlockRunner(ad)
+    runner.block_kwargs(4, 512, torch.device("cpu"))  # its dummy forward must not reach the hooks
     hooks = [ad.module(name).register_forward_hook(lambda m, a, o, s=short: solvers[s].add_batch(a[0]))
              for short, name in wanted.items()]
-    runner = BlockRunner(ad)
     with torch.no_grad():
         for i in range(0, 8, 4):
             runner.run(runner.embed(windows[i: i + 4]), 0, 6)
     for h in hooks:
         h.remove()
-    return {short: (ad.module(name).weight.detach().clone(), acc) for short, (name, acc) in
-            zip(wanted, zip(wanted.values(), solvers.values()))}
+    assert all(acc.tokens == 8 * 512 for acc in solvers.values())
+    return {short: (ad.module(name).weight.detach().clone(), solvers[short]) for short, name in wanted.items()}
 
 
 def fed(cls, W, acc, **kw):
