@@ -9,8 +9,10 @@ import logging
 import random
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -118,17 +120,13 @@ class Job:
         self.tracker.artifact(self.out_dir / "result.json", f"result-{self.rc.name}", "result")
         return result
 
-    def timed(self, key: str):
-        job = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.time()
-
-            def __exit__(self, *exc):
-                job.timings[key] = round(time.time() - self.t0, 2)
-
-        return _Timer()
+    @contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.timings[key] = round(time.time() - t0, 2)
 
 
 def seed_everything(seed: int) -> None:

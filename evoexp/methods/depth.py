@@ -115,14 +115,7 @@ def score_baseline(kind: str, ds: DepthSpace, ppl_evaluator: CandidateEvaluator,
 def random_best(ds: DepthSpace, evaluator: CandidateEvaluator, batch: Minibatch, candidates: int,
                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Best of `candidates` distinct random feasible states on one minibatch."""
-    states, seen = [], set()
-    for _ in range(100 * candidates):
-        st = ds.space.random_state(rng)
-        if st.tobytes() not in seen:
-            seen.add(st.tobytes())
-            states.append(st)
-        if len(states) == candidates:
-            break
+    states = ds.space.random_states(rng, candidates)
     fits = evaluator.score(states, batch)
     best = int(np.argmin(fits))
     return states[best], float(fits[best])

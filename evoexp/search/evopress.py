@@ -123,14 +123,7 @@ class EvoPress:
             parent = self.space.uniform_state()
             fit = self.evaluator.score([parent], self.sample(self.s.init_tokens, rng))[0]
         elif self.s.init == "random":
-            cands, seen = [], set()
-            for _ in range(self.s.max_tries * self.s.init_candidates):
-                st = self.space.random_state(rng)
-                if st.tobytes() not in seen:
-                    seen.add(st.tobytes())
-                    cands.append(st)
-                if len(cands) == self.s.init_candidates:
-                    break
+            cands = self.space.random_states(rng, self.s.init_candidates, self.s.max_tries)
             fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng))
             best = int(np.argmin(fits))
             parent, fit = cands[best], float(fits[best])

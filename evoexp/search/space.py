@@ -79,6 +79,18 @@ class LevelSpace:
                 state[room[rng.integers(len(room))]] += 1
         return state
 
+    def random_states(self, rng: np.random.Generator, n: int, max_tries: int = 100) -> list[np.ndarray]:
+        """Up to `n` distinct random feasible states (fewer only if the space is that small)."""
+        states, seen = [], set()
+        for _ in range(max_tries * n):
+            st = self.random_state(rng)
+            if st.tobytes() not in seen:
+                seen.add(st.tobytes())
+                states.append(st)
+                if len(states) == n:
+                    break
+        return states
+
     def uniform_state(self) -> np.ndarray:
         """Every unit of a group at the same level (the usual start for sparsity and integer bit targets)."""
         state = self.lo.copy()
