@@ -43,11 +43,13 @@ class BlockRunner:
 
     @torch.inference_mode()
     def block_kwargs(self, batch: int, length: int, device: torch.device) -> list[dict]:
-        """Per-block keyword arguments for inputs of this shape (captured once per shape, by one forward of the
-        model on dummy tokens: call it before registering hooks that must see only real data)."""
+        """Per-block keyword arguments for inputs of this shape, captured once per shape by one forward of the
+        model on dummy tokens (call it before registering hooks that must see only real data). Only block 0
+        computes in that forward: the others pass their input through, which leaves their kwargs unchanged."""
         key = (batch, length)
         if key not in self._kwargs:
             per_block: list[dict] = [{} for _ in range(self.num_blocks)]
+            first_out = {}
             handles = [
                 blk.register_forward_pre_hook(
                     lambda _m, _a, kw, i=i: per_block[i].update(
@@ -55,10 +57,23 @@ class BlockRunner:
                                                                   "past_key_value")}), with_kwargs=True)
                 for i, blk in enumerate(self.adapter.blocks)
             ]
+            handles.append(self.adapter.blocks[0].register_forward_hook(
+                lambda _m, _a, out: first_out.update(out=out)))
+
+            def passthrough(*args, **kwargs):  # returns what block 0 returned, with the input as hidden state
+                hidden = args[0] if args else kwargs["hidden_states"]
+                out = first_out["out"]
+                return hidden if torch.is_tensor(out) else (hidden, *out[1:])
+
+            skipped = list(self.adapter.blocks)[1:]
+            for blk in skipped:
+                blk.forward = passthrough
             try:
                 ids = torch.zeros((batch, length), dtype=torch.long, device=device)
                 self.adapter.body(input_ids=ids, use_cache=False)
             finally:
+                for blk in skipped:
+                    del blk.forward
                 for h in handles:
                     h.remove()
             self._kwargs[key] = per_block

@@ -118,6 +118,90 @@ class DropMethodCfg:
 
 
 @dataclass
+class SparseMethodCfg:
+    """Unstructured (or N:M) sparsity per linear layer, from the per-level database."""
+
+    kind: str = "sparse"
+    target: float = 0.5  # mean sparsity over all block linears (fraction of weights set to zero)
+    nm: Optional[List[int]] = None  # [n, m]: prune n of every m consecutive weights per row (fixes sparsity n/m)
+    export: bool = False
+
+
+@dataclass
+class QuantMethodCfg:
+    """Weight-only quantization per linear layer (bit-width per layer), from the per-level database."""
+
+    kind: str = "quant"
+    target: float = 4  # mean bits per weight over all block linears
+    levels: List[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])  # bit-widths a layer may take
+    export: bool = False
+
+
+@dataclass
+class SparseGPTCfg:
+    kind: str = "sparsegpt"
+    damp: float = 0.01  # relative to the mean diagonal of H
+    blocksize: int = 128  # columns per lazy batch (and per mask choice)
+    bits: Optional[int] = None  # joint quantization of the kept weights
+    group_size: int = 128
+    sym: bool = False
+
+
+@dataclass
+class GPTQCfg:
+    kind: str = "gptq"
+    damp: float = 0.01
+    blocksize: int = 128
+    group_size: int = 128  # 0: one grid per output row
+    sym: bool = False
+    mse: bool = False  # search a shrunk range per group minimising the Lp error (GPTQ's grid search)
+    act_order: bool = False  # columns in order of decreasing H_jj
+    static_groups: bool = False  # with act_order: grids fitted up front on the original weights
+
+
+@dataclass
+class RTNCfg:
+    kind: str = "rtn"
+    group_size: int = 128
+    sym: bool = False
+    mse: bool = False
+
+
+@dataclass
+class WandaCfg:
+    kind: str = "wanda"
+
+
+@dataclass
+class MagnitudeCfg:
+    kind: str = "magnitude"
+
+
+@dataclass
+class DatabaseCfg:
+    """Where and how the per-level database of compressed layers is built (shared across runs by its hash)."""
+
+    dir: Optional[str] = None  # root directory; null: <cache>/databases
+    windows: int = 128  # calibration windows of seq_len tokens from data.calib
+    seq_len: int = 2048
+    # dense | compressed | reference | auto (one level per layer: compressed, the standard one-shot pipeline;
+    # sparsity grids: dense; bit-width grids: reference at reference_level, as EvoPress builds them)
+    propagation: str = "auto"
+    reference_level: float = 3
+    true_sequential: bool = False
+    batch: int = 8  # windows per forward
+    dtype: Optional[DType] = None  # storage dtype of values and scales; null: the run's dtype
+
+
+@dataclass
+class UniformSearchCfg:
+    """Every layer at the target level: the standard one-shot pipelines."""
+
+    kind: str = "uniform"
+    references: List[str] = field(default_factory=list)
+
+
+@dataclass
 class NoSearchCfg:
     kind: str = "none"
 
@@ -183,6 +267,8 @@ class RunCfg:
     data: DataCfg = field(default_factory=DataCfg)
     method: Any = MISSING
     search: Any = MISSING
+    solver: Any = None  # layer-wise solver (method=sparse|quant choose theirs: solver=sparsegpt|gptq|...)
+    database: DatabaseCfg = field(default_factory=DatabaseCfg)
     fitness: FitnessCfg = field(default_factory=FitnessCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
@@ -192,6 +278,14 @@ class RunCfg:
 OPTION_SCHEMAS = {
     "method/dense": DenseMethodCfg,
     "method/drop": DropMethodCfg,
+    "method/sparse": SparseMethodCfg,
+    "method/quant": QuantMethodCfg,
+    "solver/sparsegpt": SparseGPTCfg,
+    "solver/gptq": GPTQCfg,
+    "solver/rtn": RTNCfg,
+    "solver/wanda": WandaCfg,
+    "solver/magnitude": MagnitudeCfg,
+    "search/uniform": UniformSearchCfg,
     "search/none": NoSearchCfg,
     "search/evopress": EvoPressCfg,
     "search/random": RandomSearchCfg,

@@ -73,6 +73,10 @@ class Job:
         for spec in rc.eval.datasets:
             check_source(spec, "eval.datasets")
         dtype = rc.dtype.value
+        if rc.method.kind in ("sparse", "quant"):
+            from evoexp.recipes.layerwise import LayerwiseRecipe
+
+            LayerwiseRecipe.validate(rc)
 
         with self.timed("load_model"):
             loaded = load_model(rc.model, device, TORCH_DTYPES[dtype])
@@ -93,6 +97,11 @@ class Job:
             from evoexp.recipes.depth import DepthPruningRecipe
 
             extra = DepthPruningRecipe(rc, loaded, self.out_dir, self.tracker, self.timed).run()
+            metrics["ppl"] = extra.pop("ppl")
+        elif rc.method.kind in ("sparse", "quant"):
+            from evoexp.recipes.layerwise import LayerwiseRecipe
+
+            extra = LayerwiseRecipe(rc, loaded, self.out_dir, self.tracker, self.timed).run()
             metrics["ppl"] = extra.pop("ppl")
         else:
             raise UserError(f"method: unknown kind {rc.method.kind!r}")
@@ -170,16 +179,16 @@ def print_summary(result: dict) -> None:
 def print_models(result: dict) -> None:
     """The found configuration next to dense and the reference baselines."""
     alloc = result["allocation"]
-    print(f"  found by {alloc['search']}: attention dropped in blocks {alloc['attn_dropped']}, "
-          f"MLP dropped in blocks {alloc['mlp_dropped']}")
-    rows = []
-    for name, entry in result["models"].items():
-        cells = [f"{name:<16}", f"{entry['fitness']:>10.5f}"]
-        for spec, ppl in entry.get("ppl", {}).items():
-            cells += [f"{fig['ppl']:>12.3f}" for d, fig in ppl.items() if d != "protocol"]
-        rows.append("  ".join(cells))
-    first = next(iter(result["models"].values()))
+    print(f"  found by {alloc['search']}: {alloc['summary']}")
+    models = result["models"]
+    kind = next((e["fitness_kind"] for e in models.values() if "fitness_kind" in e), None)
+    first = next(iter(models.values()))
     heads = [f"{spec} PPL ({d})" for spec, ppl in first.get("ppl", {}).items() for d in ppl if d != "protocol"]
-    print(f"  {'model':<16}  {first['fitness_kind'] + ' fitness':>10}  " + "  ".join(heads))
-    for row in rows:
-        print("  " + row)
+    print(f"  {'model':<16}" + (f"  {kind + ' fitness':>10}" if kind else "") + "  " + "  ".join(heads))
+    for name, entry in models.items():
+        cells = [f"{name:<16}"]
+        if kind:
+            cells.append(f"{entry['fitness']:>10.5f}" if "fitness" in entry else f"{'-':>10}")
+        for ppl in entry.get("ppl", {}).values():
+            cells += [f"{fig['ppl']:>12.3f}" for d, fig in ppl.items() if d != "protocol"]
+        print("  " + "  ".join(cells))

@@ -22,17 +22,14 @@ def hooked_hessians(tiny, names):
     return accs
 
 
-def run_sequential(tiny, propagation, replace):
+def run_sequential(tiny, propagation, replace, **kw):
     seen = {}
 
-    def make(li):
-        return HessianAccumulator(li.in_features)
-
-    def compress(block, linears, solvers):
-        seen.update(solvers)
+    def compress(block, linears, hessians):
+        seen.update({li.name: hessians[li.name] for li in linears})
         return replace(block, linears)
 
-    sequential(BlockRunner(tiny.adapter), WINDOWS, make, compress, propagation, batch=4)
+    sequential(BlockRunner(tiny.adapter), WINDOWS, compress, propagation, batch=4, **kw)
     return seen
 
 
@@ -65,3 +62,42 @@ def test_compressed_propagation_feeds_the_compressed_block(tiny):
     assert not torch.allclose(dense[q1].H, ref.H)
     with pytest.raises(UserError, match="propagation"):
         run_sequential(tiny, "sideways", replace)
+
+
+def test_true_sequential_feeds_later_groups_the_compressed_earlier_ones(tiny):
+    """With q/k/v zeroed in block 0, o_proj of block 0 sees zero inputs only in true-sequential mode."""
+    qkv = [li.name for li in tiny.adapter.input_groups(0)[0]]
+    o0 = tiny.adapter.input_groups(0)[1][0].name
+
+    def replace(block, linears):
+        return {li.name: torch.zeros_like(tiny.adapter.module(li.name).weight) for li in linears
+                if li.name in qkv}
+
+    seq = run_sequential(tiny, "compressed", replace, true_sequential=True)
+    assert seq[o0].H.abs().max().item() == 0.0  # attention of zero values: o_proj saw only zeros
+    plain = run_sequential(tiny, "compressed", replace)
+    assert plain[o0].H.abs().max().item() > 0
+    with pytest.raises(UserError, match="true_sequential"):
+        run_sequential(tiny, "dense", replace, true_sequential=True)
+
+
+def test_shared_inputs_share_one_accumulator_and_finished_blocks_are_skipped(tiny):
+    calls = []
+
+    def replace(block, linears):
+        calls.append(block)
+        return {}
+
+    seen = {}
+
+    def compress(block, linears, hessians):
+        seen.update({li.name: hessians[li.name] for li in linears})
+        return replace(block, linears)
+
+    sequential(BlockRunner(tiny.adapter), WINDOWS, compress, "dense", batch=4,
+               finished=lambda b: {} if b < 5 else None)
+    assert calls == [5, 6, 7]
+    q, k, v = tiny.adapter.input_groups(6)[0]
+    assert seen[q.name] is seen[k.name] is seen[v.name]
+    full = run_sequential(tiny, "dense", lambda b, lins: {})
+    torch.testing.assert_close(seen[q.name].H, full[q.name].H)  # skipped blocks still propagate

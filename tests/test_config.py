@@ -13,8 +13,10 @@ from .conftest import CONF, run_cfg, run_cli
 REQUIRED = {
     "model/hf": ["model.path=/some/checkpoint"],
     "data/text_file": ["data.calib=/a.txt", "data.eval=/b.txt"],
+    **{f"solver/{s}": ["method=sparse"] for s in ("sparsegpt", "wanda", "magnitude")},
+    **{f"solver/{s}": ["method=quant"] for s in ("gptq", "rtn")},
 }
-GROUPS = ["model", "data", "method", "search", "fitness", "eval", "logger"]
+GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger"]
 
 
 def group_options():
@@ -26,11 +28,22 @@ def group_options():
 @pytest.mark.parametrize("option", list(group_options()))
 def test_every_group_option_composes_to_typed_config(compose, option):
     group, name = option.split("/")
-    cfg = compose([f"{group}={name}", *REQUIRED.get(option, [])])
+    cfg = compose([*REQUIRED.get(option, []), f"{group}={name}"])
     run = run_cfg(cfg)
     assert isinstance(run, RunCfg)
     assert isinstance(run.model, ModelCfg) and isinstance(run.data, DataCfg) and isinstance(run.eval, EvalCfg)
     assert run.name == f"{cfg.hydra.runtime.choices.method}-{cfg.hydra.runtime.choices.model}"
+    if group == "solver":
+        assert run.solver.kind == name
+
+
+def test_methods_bring_their_default_solver(compose):
+    assert run_cfg(compose(["method=sparse"])).solver.kind == "sparsegpt"
+    assert run_cfg(compose(["method=quant"])).solver.kind == "gptq"
+    assert run_cfg(compose(["method=quant", "solver=rtn"])).solver.group_size == 128
+    assert run_cfg(compose([])).solver is None
+    db = run_cfg(compose(["database=evopress", "model=llama3_8b"])).database
+    assert db.windows * db.seq_len == 2 ** 23 and db.propagation == "auto"
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -122,3 +122,16 @@ def test_cholesky_failure_recovers_with_more_damping(caplog):
     assert "Cholesky failed" in caplog.text
     pruned = sparsegpt(W, U, [0.5], dead=dead)[0]
     assert torch.isfinite(pruned).all() and (pruned[:, [0, 3]] == 0).all()
+
+
+@pytest.mark.embedded
+def test_sparsegpt_with_joint_quantization_keeps_exact_sparsity_on_the_grid(layers):
+    W, acc = layers["q_proj"]
+    plain, joint = (fed(SparseGPT, W, acc, **kw).compress([0.5])[0] for kw in ({}, {"bits": 4, "group_size": 128}))
+    zeros = (joint == 0).sum().item()  # the mask's zeros, plus kept weights that round to the grid's zero
+    assert round(0.5 * W.numel()) <= zeros < round(0.55 * W.numel())
+    for g in range(5):  # 4 full groups of 128 columns and the partial one of 64
+        block = joint[:, g * 128: (g + 1) * 128]
+        distinct = max(len(torch.unique(row[row != 0])) for row in block)
+        assert distinct <= 16, (g, distinct)
+    assert recon_error(W, plain, acc.H) < recon_error(W, joint, acc.H) < 2 * recon_error(W, plain, acc.H)

@@ -134,7 +134,9 @@ class DepthPruningRecipe:
 
     def allocation(self, ds: DepthSpace, state: np.ndarray, info: dict) -> dict:
         cfg = ds.to_config(state)
+        attn = [i for i, d in enumerate(cfg.attn) if d]
+        mlp = [i for i, d in enumerate(cfg.mlp) if d]
         return {"method": "drop", "unit": ds.unit, "target": self.rc.method.target, "search": info["kind"],
                 "units": dict(zip(ds.space.names, state.tolist())), "drop": cfg.to_dict(),
-                "attn_dropped": [i for i, d in enumerate(cfg.attn) if d],
-                "mlp_dropped": [i for i, d in enumerate(cfg.mlp) if d]}
+                "attn_dropped": attn, "mlp_dropped": mlp,
+                "summary": f"attention dropped in blocks {attn}, MLP dropped in blocks {mlp}"}

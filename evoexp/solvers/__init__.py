@@ -18,10 +18,14 @@ __all__ = ["SparseGPT", "GPTQ", "RTN", "Wanda", "Magnitude", "QuantizedWeight", 
 
 
 class _Solver:
-    def __init__(self, weight: torch.Tensor, name: str = "", device: torch.device | str | None = None):
+    needs_data = True  # False: the solver ignores calibration inputs (no forwards are run for it)
+
+    def __init__(self, weight: torch.Tensor, name: str = "", device: torch.device | str | None = None,
+                 hessian: HessianAccumulator | None = None):
         self.W = weight.detach()
         self.name = name
-        self.hessian = HessianAccumulator(self.W.shape[1], device or self.W.device)
+        # Layers reading the same input (q/k/v, gate/up) may share one accumulator.
+        self.hessian = hessian or HessianAccumulator(self.W.shape[1], device or self.W.device)
 
     def add_batch(self, inp: torch.Tensor) -> None:
         self.hessian.add_batch(inp)
@@ -33,14 +37,17 @@ class _Solver:
 class SparseGPT(_Solver):
     """SparseGPT: unstructured (levels = sparsities) or N:M (`nm=(2, 4)`, one level) with OBS reconstruction."""
 
-    def __init__(self, weight, name="", damp=0.01, blocksize=128, nm: tuple[int, int] | None = None, device=None):
-        super().__init__(weight, name, device)
+    def __init__(self, weight, name="", damp=0.01, blocksize=128, nm: tuple[int, int] | None = None,
+                 bits: int | None = None, group_size: int = 128, sym: bool = False, device=None, hessian=None):
+        super().__init__(weight, name, device, hessian)
         self.damp, self.blocksize, self.nm = damp, blocksize, nm
+        self.bits, self.group_size, self.sym = bits, group_size, sym  # bits: joint quantization of kept weights
         self.damp_used = None
 
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
         U, dead, self.damp_used = prepare(self.hessian.H, self.W, self.damp, name=self.name)
-        out = sparsegpt(self.W.to(U.device), U, sparsities, self.nm, self.blocksize, dead)
+        out = sparsegpt(self.W.to(U.device), U, sparsities, self.nm, self.blocksize, dead,
+                        self.bits, self.group_size, self.sym)
         return [w.to(self.W.dtype) for w in out]
 
 
@@ -48,8 +55,9 @@ class GPTQ(_Solver):
     """GPTQ: levels are bit-widths (2-8), per-channel (group_size=0) or grouped, optional act-order."""
 
     def __init__(self, weight, name="", damp=0.01, blocksize=128, group_size=128, sym=False, mse=False,
-                 act_order=False, static_groups=False, device=None):
-        super().__init__(weight, name, device)
+                 act_order=False, static_groups=False, scale_dtype=torch.float32, device=None, hessian=None):
+        super().__init__(weight, name, device, hessian)
+        self.scale_dtype = scale_dtype
         self.damp, self.blocksize, self.group_size = damp, blocksize, group_size
         self.sym, self.mse, self.act_order, self.static_groups = sym, mse, act_order, static_groups
         self.damp_used = None
@@ -60,22 +68,25 @@ class GPTQ(_Solver):
         dead = torch.diag(H) == 0
         U, _, self.damp_used = prepare(H[perm][:, perm], self.W, self.damp, name=self.name)
         return gptq(self.W.to(U.device), U, bits, self.group_size, self.sym, self.mse, perm.to(U.device),
-                    self.static_groups, self.blocksize, dead.to(U.device))
+                    self.static_groups, self.blocksize, dead.to(U.device), self.scale_dtype)
 
 
 class RTN(_Solver):
     """Round-to-nearest on GPTQ's grids: no calibration data, no error feedback."""
 
-    def __init__(self, weight, name="", group_size=128, sym=False, mse=False, device=None):
+    needs_data = False
+
+    def __init__(self, weight, name="", group_size=128, sym=False, mse=False, scale_dtype=torch.float32,
+                 device=None, hessian=None):
         self.W, self.name = weight.detach(), name
-        self.group_size, self.sym, self.mse = group_size, sym, mse
+        self.group_size, self.sym, self.mse, self.scale_dtype = group_size, sym, mse, scale_dtype
         self.hessian = None
 
     def add_batch(self, inp: torch.Tensor) -> None:  # RTN needs no calibration inputs
         pass
 
     def compress(self, bits: list[int]) -> list[QuantizedWeight]:
-        return rtn(self.W, bits, self.group_size, self.sym, self.mse)
+        return rtn(self.W, bits, self.group_size, self.sym, self.mse, self.scale_dtype)
 
 
 def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torch.Tensor:
@@ -100,8 +111,8 @@ def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm, p
 class Wanda(_Solver):
     """Wanda: prune the smallest |W_ij|·‖x_j‖ within each output row (or n of every m), no weight update."""
 
-    def __init__(self, weight, name="", nm: tuple[int, int] | None = None, device=None):
-        super().__init__(weight, name, device)
+    def __init__(self, weight, name="", nm: tuple[int, int] | None = None, device=None, hessian=None):
+        super().__init__(weight, name, device, hessian)
         self.nm = nm
 
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
@@ -112,7 +123,9 @@ class Wanda(_Solver):
 class Magnitude(_Solver):
     """Magnitude pruning: the smallest |W_ij| of the whole layer (or n of every m per row)."""
 
-    def __init__(self, weight, name="", nm: tuple[int, int] | None = None, device=None):
+    needs_data = False
+
+    def __init__(self, weight, name="", nm: tuple[int, int] | None = None, device=None, hessian=None):
         self.W, self.name, self.nm, self.hessian = weight.detach(), name, nm, None
 
     def add_batch(self, inp: torch.Tensor) -> None:  # magnitude needs no calibration inputs

@@ -5,52 +5,94 @@ the next block sees is a recorded choice (`propagation`):
 - dense: the dense block's outputs (EvoPress's sparsity database);
 - compressed: the outputs of the block after compression (standard one-shot SparseGPT / GPTQ);
 - reference: the outputs with the block at a fixed reference level (EvoPress's 3-bit quantization database).
+With `true_sequential`, the linears of a block are also taken group by group (q/k/v, o, gate/up, down), each
+group seeing the inputs produced by the already-compressed groups before it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from evoexp.blockrun import BlockRunner
-from evoexp.models.adapter import LinearInfo
+from evoexp.errors import UserError
+from evoexp.models.adapter import DecoderAdapter, LinearInfo
+from evoexp.solvers.hessian import HessianAccumulator
 
 PROPAGATIONS = ("dense", "compressed", "reference")
-# compress(block, linears, solvers) -> {linear name: weight for the next block's inputs (or None = dense)}
-Compress = Callable[[int, list[LinearInfo], dict], dict]
+# compress(block, linears, hessians) -> {linear name: weight the next inputs are computed with}; with dense
+# propagation the returned weights are not used.
+Compress = Callable[[int, list[LinearInfo], dict[str, HessianAccumulator]], dict[str, torch.Tensor]]
+# finished(block) -> None when the block still has to be compressed, else the weights to propagate with
+# (a resumed build walks finished blocks without accumulating anything).
+Finished = Callable[[int], "dict[str, torch.Tensor] | None"]
+
+
+@contextmanager
+def replaced_weights(adapter: DecoderAdapter, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Temporarily run the model with some linears' weights replaced."""
+    originals = {name: adapter.module(name).weight.data for name in weights}
+    for name, w in weights.items():
+        adapter.module(name).weight.data = w.to(originals[name].dtype)
+    try:
+        yield
+    finally:
+        for name, w in originals.items():
+            adapter.module(name).weight.data = w
 
 
 @torch.no_grad()
-def sequential(runner: BlockRunner, windows: torch.Tensor, make_solver: Callable[[LinearInfo], object],
-               compress: Compress, propagation: str = "dense", batch: int = 8) -> None:
-    """Walk the blocks: accumulate each linear's solver from hooks, compress, then propagate as chosen."""
+def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, propagation: str = "dense",
+               batch: int = 8, true_sequential: bool = False, finished: Finished | None = None,
+               on_block: Callable[[int], None] | None = None) -> None:
+    """Walk the blocks: accumulate Hessians from hooks (one per distinct input), compress, propagate."""
     if propagation not in PROPAGATIONS:
-        from evoexp.errors import UserError
-
         raise UserError(f"database.propagation: expected one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
+    if true_sequential and propagation == "dense":
+        raise UserError("database.true_sequential: needs propagation compressed or reference (dense never "
+                        "replaces weights, so there is no sequence inside a block)")
     ad = runner.adapter
     device = next(ad.model.parameters()).device
     hidden = [runner.embed(windows[i: i + batch].to(device)) for i in range(0, windows.shape[0], batch)]
     for h in hidden:  # capturing block kwargs runs the model once per shape: do it before any hook is set
         runner.block_kwargs(h.shape[0], h.shape[1], h.device)
     for b in range(ad.num_blocks):
-        linears = ad.linears(b)
-        solvers = {li.name: make_solver(li) for li in linears}
-        hooks = [ad.module(li.name).register_forward_hook(
-            lambda _m, args, _o, s=solvers[li.name]: s.add_batch(args[0])) for li in linears]
+        done = finished(b) if finished else None
+        if done is not None:
+            weights, outputs = done, None
+        else:
+            weights, outputs = _compress_block(runner, hidden, b, compress, true_sequential)
+        if propagation != "dense" and weights:
+            outputs = None
+        if outputs is None:
+            with replaced_weights(ad, weights if propagation != "dense" else {}):
+                outputs = [runner.run(h, b, b + 1) for h in hidden]
+        hidden = outputs
+        if on_block:
+            on_block(b)
+
+
+def _compress_block(runner: BlockRunner, hidden: list[torch.Tensor], b: int, compress: Compress,
+                    true_sequential: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """Compress block b; returns the weights to propagate with and, if still valid, the dense block outputs."""
+    ad = runner.adapter
+    groups = ad.input_groups(b)
+    stages = [[g] for g in groups] if true_sequential else [groups]
+    weights: dict[str, torch.Tensor] = {}
+    outputs = None
+    for stage in stages:
+        hessians, hooks = {}, []
+        for group in stage:  # q/k/v (and gate/up) read one input: accumulate it once
+            acc = HessianAccumulator(group[0].in_features, hidden[0].device)
+            hessians.update({li.name: acc for li in group})
+            hooks.append(ad.module(group[0].name).register_forward_hook(
+                lambda _m, args, _o, acc=acc: acc.add_batch(args[0])))
         try:
-            outputs = [runner.run(h, b, b + 1) for h in hidden]
+            with replaced_weights(ad, weights):
+                outputs = [runner.run(h, b, b + 1) for h in hidden]
         finally:
             for h in hooks:
                 h.remove()
-        replaced = compress(b, linears, solvers)
-        if propagation != "dense" and replaced:
-            originals = {name: ad.module(name).weight.data for name in replaced}
-            for name, w in replaced.items():
-                ad.module(name).weight.data = w.to(originals[name].dtype)
-            try:
-                outputs = [runner.run(h, b, b + 1) for h in hidden]
-            finally:
-                for name, w in originals.items():
-                    ad.module(name).weight.data = w
-        hidden = outputs
+        weights.update(compress(b, [li for group in stage for li in group], hessians))
+    return weights, (outputs if not true_sequential else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from evoexp.solvers.quant import Grid, QuantizedWeight, fit_grid, quantize
+from evoexp.solvers.quant import Grid, QuantizedWeight, dequantize, fit_grid, quantize
 
 
 def _block_counts(total: int, blocks: list[int], fraction: float) -> list[int]:
@@ -21,15 +21,27 @@ def _block_counts(total: int, blocks: list[int], fraction: float) -> list[int]:
     return out
 
 
+def _group_span(W1: torch.Tensor, Wl: torch.Tensor, i: int, i2: int, col: int, g: int) -> torch.Tensor:
+    """The current (error-updated) weights of the group starting at column `col`, which may run past the block."""
+    if col + g > i2:
+        return torch.cat([W1[:, i:], Wl[:, i2: col + g]], dim=1)
+    return W1[:, i: i + g]
+
+
 @torch.no_grad()
 def sparsegpt(W: torch.Tensor, U: torch.Tensor, sparsities: list[float], nm: tuple[int, int] | None = None,
-              blocksize: int = 128, dead: torch.Tensor | None = None) -> torch.Tensor:
+              blocksize: int = 128, dead: torch.Tensor | None = None, bits: int | None = None,
+              group_size: int = 128, sym: bool = False) -> torch.Tensor:
     """Pruned weights [len(sparsities), rows, cols] (fp32). Unstructured masks are chosen per column block
     from w² / U_jj² with exactly round(s·numel) zeros per layer; `nm=(n, m)` prunes n of every m columns per
-    row instead (one level)."""
+    row instead (one level). With `bits`, kept weights are also quantized (min-max grid per row and group of
+    `group_size` columns) inside the same sweep, so the OBS updates compensate both errors."""
     rows, cols = W.shape
     levels = 1 if nm else len(sparsities)
     Wl = W.float().repeat(levels, 1)
+    g = (group_size if group_size > 0 else cols) if bits else 0
+    maxq = torch.full((levels * rows,), 2.0 ** bits - 1, device=W.device) if bits else None
+    grid: Grid | None = None
     if dead is not None:
         Wl[:, dead] = 0
     d = torch.diag(U)
@@ -56,7 +68,13 @@ def sparsegpt(W: torch.Tensor, U: torch.Tensor, sparsities: list[float], nm: tup
             if nm and i % nm[1] == 0:
                 span = W1[:, i: i + nm[1]].square() / d[i1 + i: i1 + i + nm[1]].square()
                 mask.scatter_(1, i + torch.topk(span, nm[0], dim=1, largest=False).indices, True)
-            q = torch.where(mask[:, i], torch.zeros_like(w), w)
+            kept = w
+            if bits:
+                col = i1 + i
+                if col % g == 0:
+                    grid = fit_grid(_group_span(W1, Wl, i, i2, col, g), maxq, sym)
+                kept = dequantize(quantize(w.unsqueeze(1), grid), grid)[:, 0]
+            q = torch.where(mask[:, i], torch.zeros_like(w), kept)
             err = (w - q) / Uinv[i, i]
             W1[:, i:] -= err.unsqueeze(1) * Uinv[i, i:].unsqueeze(0)
             W1[:, i] = q
@@ -69,7 +87,7 @@ def sparsegpt(W: torch.Tensor, U: torch.Tensor, sparsities: list[float], nm: tup
 @torch.no_grad()
 def gptq(W: torch.Tensor, U: torch.Tensor, bits: list[int], group_size: int = 128, sym: bool = False,
          mse: bool = False, perm: torch.Tensor | None = None, static_groups: bool = False, blocksize: int = 128,
-         dead: torch.Tensor | None = None) -> list[QuantizedWeight]:
+         dead: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32) -> list[QuantizedWeight]:
     """One QuantizedWeight per bit-width. `U` must be the factor of the Hessian permuted by `perm` (act-order:
     columns by decreasing H_jj); codes, scales and g_idx are returned in the original column order."""
     rows, cols = W.shape
@@ -81,7 +99,8 @@ def gptq(W: torch.Tensor, U: torch.Tensor, bits: list[int], group_size: int = 12
     W0 = W.float().repeat(levels, 1)
     if dead is not None:
         W0[:, dead] = 0
-    static = [fit_grid(W0[:, k * g: (k + 1) * g], maxq, sym, mse) for k in range(n_groups)] if static_groups else None
+    static = ([fit_grid(W0[:, k * g: (k + 1) * g], maxq, sym, mse, scale_dtype=scale_dtype) for k in range(n_groups)]
+              if static_groups else None)
     Wl = W0[:, perm.to(W.device)]
     codes = torch.zeros_like(Wl)
     scales = torch.zeros((levels * rows, n_groups), device=W.device)
@@ -102,8 +121,7 @@ def gptq(W: torch.Tensor, U: torch.Tensor, bits: list[int], group_size: int = 12
             else:
                 group = col // g
                 if col % g == 0:
-                    span = torch.cat([W1[:, i: i + g], Wl[:, i2: col + g]], dim=1) if col + g > i2 else W1[:, i: i + g]
-                    grid = fit_grid(span, maxq, sym, mse)
+                    grid = fit_grid(_group_span(W1, Wl, i, i2, col, g), maxq, sym, mse, scale_dtype=scale_dtype)
             scales[:, group], zeros[:, group] = grid.scale[:, 0], grid.zero[:, 0]
             g_idx[orig] = group
             w = W1[:, i: i + 1]
@@ -123,8 +141,8 @@ def gptq(W: torch.Tensor, U: torch.Tensor, bits: list[int], group_size: int = 12
 
 
 @torch.no_grad()
-def rtn(W: torch.Tensor, bits: list[int], group_size: int = 128, sym: bool = False, mse: bool = False
-        ) -> list[QuantizedWeight]:
+def rtn(W: torch.Tensor, bits: list[int], group_size: int = 128, sym: bool = False, mse: bool = False,
+        scale_dtype: torch.dtype = torch.float32) -> list[QuantizedWeight]:
     """Round-to-nearest on the same grids, no error feedback (the baseline GPTQ improves on)."""
     rows, cols = W.shape
     g = group_size if group_size > 0 else cols
@@ -137,7 +155,7 @@ def rtn(W: torch.Tensor, bits: list[int], group_size: int = 128, sym: bool = Fal
         zeros = torch.zeros_like(scales)
         for k in range(n_groups):
             x = W[:, k * g: (k + 1) * g].float()
-            grid = fit_grid(x, maxq, sym, mse)
+            grid = fit_grid(x, maxq, sym, mse, scale_dtype=scale_dtype)
             codes[:, k * g: (k + 1) * g] = quantize(x, grid)
             scales[:, k], zeros[:, k] = grid.scale[:, 0], grid.zero[:, 0]
         g_idx = (torch.arange(cols) // g).to(torch.int32)

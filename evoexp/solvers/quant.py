@@ -18,8 +18,12 @@ class Grid:
 
 
 def fit_grid(x: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool = False,
-             norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8) -> Grid:
-    """Per-row grid for x [rows, cols] (GPTQ's Quantizer.find_params, vectorised over rows and bit-widths)."""
+             norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8, scale_dtype: torch.dtype = torch.float32
+             ) -> Grid:
+    """Per-row grid for x [rows, cols] (GPTQ's Quantizer.find_params, vectorised over rows and bit-widths).
+
+    Scales are rounded to `scale_dtype` (the dtype they are stored and served in), so the values the solver
+    compensates for are exactly the values a packed checkpoint decodes to."""
     maxq = maxq.reshape(-1, 1).to(x.dtype)
     xmin = torch.clamp(x.min(1, keepdim=True).values, max=0)
     xmax = torch.clamp(x.max(1, keepdim=True).values, min=0)
@@ -28,12 +32,12 @@ def fit_grid(x: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool =
         xmin = torch.where(xmin < 0, -xmax, xmin)
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    best = _grid(xmin, xmax, maxq, sym)
+    best = _grid(xmin, xmax, maxq, sym, scale_dtype)
     if mse:
         best_err = torch.full_like(xmin, float("inf"))
         for i in range(int(maxshrink * grid)):
             p = 1 - i / grid
-            cand = _grid(p * xmin, p * xmax, maxq, sym)
+            cand = _grid(p * xmin, p * xmax, maxq, sym, scale_dtype)
             err = (dequantize(quantize(x, cand), cand) - x).abs().pow(norm).sum(1, keepdim=True)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -41,8 +45,8 @@ def fit_grid(x: torch.Tensor, maxq: torch.Tensor, sym: bool = False, mse: bool =
     return best
 
 
-def _grid(xmin, xmax, maxq, sym) -> Grid:
-    scale = (xmax - xmin) / maxq
+def _grid(xmin, xmax, maxq, sym, scale_dtype=torch.float32) -> Grid:
+    scale = ((xmax - xmin) / maxq).to(scale_dtype).float()
     zero = torch.full_like(scale, 0) + torch.floor((maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return Grid(scale, zero, maxq)
 

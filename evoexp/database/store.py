@@ -1,0 +1,156 @@
+"""The per-level database on disk: every level of every layer, compactly encoded, one safetensors file per layer.
+
+    <root>/<name>-<key>/
+      manifest.json                 the spec the key hashes (model, calibration, solver, propagation, grid, dtype)
+      layers/<layer>.safetensors    all levels of one layer, written atomically once the layer is done
+
+Encodings (tensor names prefixed with the level index, `L3.`):
+- sparse: `mask` (the non-zero pattern as packed bits, row-major) and `values` (the non-zeros, storage dtype);
+- quant: `codes` (uint8, one per weight), `scales` and `zeros` ([rows, groups]), `g_idx` ([cols], the group of
+  each input column; with a group size that does not divide the width, the last group is partial).
+A layer file exists only when all its levels are done, which is what makes a killed build resumable per layer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from evoexp.errors import UserError
+from evoexp.solvers.quant import QuantizedWeight
+from evoexp.utils import atomic_path, read_json, stable_hash, write_json
+
+log = logging.getLogger(__name__)
+FORMAT = 1
+
+
+@dataclass
+class DatabaseSpec:
+    """Everything that decides the stored tensors; its hash names the database directory."""
+
+    kind: str  # sparse | quant
+    model: dict  # name + fingerprint
+    calibration: dict  # the window protocol (source, token hash, seed, windows, seq_len, bos)
+    solver: dict  # solver kind and all its parameters
+    propagation: str  # dense | compressed | reference
+    reference: dict  # layer -> level index propagated (compressed / reference), empty for dense
+    grid: dict  # layer -> list of level values (sparsities or bit-widths)
+    dtype: str  # storage dtype of values and scales
+    compute_dtype: str  # dtype of the forwards that produced the calibration activations
+    true_sequential: bool = False
+    format: int = FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return stable_hash(asdict(self))
+
+
+def encode_sparse(w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    keep = (w != 0).reshape(-1).cpu()
+    return {"mask": torch.from_numpy(np.packbits(keep.numpy())), "values": w.reshape(-1).cpu()[keep].to(dtype)}
+
+
+def decode_sparse(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    keep = torch.from_numpy(np.unpackbits(mask.numpy(), count=numel).astype(bool))
+    w = torch.zeros(numel, dtype=values.dtype)
+    w[keep] = values
+    return w.view(shape)
+
+
+def encode_quant(q: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"codes": q.codes.to(torch.uint8).contiguous(), "scales": q.scales.to(dtype).contiguous(),
+            "zeros": q.zeros.to(torch.int16).contiguous(), "g_idx": q.g_idx.to(torch.int32).contiguous()}
+
+
+class Database:
+    """Open (or create) the database for a spec under `root`; a different spec never reuses its files."""
+
+    def __init__(self, root: str | Path, spec: DatabaseSpec, label: str = "db"):
+        self.spec = spec
+        self.key = spec.key
+        self.path = Path(root) / f"{label}-{self.key}"
+        self.dtype = getattr(torch, spec.dtype)
+        self.manifest = self.path / "manifest.json"
+        self._handles: dict[str, object] = {}
+        if self.manifest.exists():
+            stored = read_json(self.manifest)
+            if stored.get("spec") != json.loads(json.dumps(asdict(spec))):
+                raise UserError(f"database: {self.path} holds a database for a different spec (same hash); "
+                                "remove it or set database.dir elsewhere")
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_json(self.manifest, {"key": self.key, "spec": asdict(spec), "complete": False})
+
+    # --- building ----------------------------------------------------------------------------------------------
+    def layer_file(self, name: str) -> Path:
+        return self.path / "layers" / f"{name}.safetensors"
+
+    def has(self, name: str) -> bool:
+        return self.layer_file(name).exists()
+
+    def save_layer(self, name: str, shape: tuple[int, int], results: list) -> None:
+        """Store every level of one layer (pruned tensors or QuantizedWeights, in grid order), atomically."""
+        levels = self.spec.grid[name]
+        if len(results) != len(levels):
+            raise ValueError(f"{name}: {len(results)} results for {len(levels)} levels")
+        tensors = {}
+        for i, r in enumerate(results):
+            enc = encode_quant(r, self.dtype) if self.spec.kind == "quant" else encode_sparse(r, self.dtype)
+            tensors.update({f"L{i}.{k}": v for k, v in enc.items()})
+        meta = {"layer": name, "shape": json.dumps(list(shape)), "levels": json.dumps(levels), "key": self.key}
+        if self.spec.kind == "quant":
+            meta["sym"] = json.dumps(bool(results[0].sym))
+        target = self.layer_file(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        self._handles.pop(name, None)
+
+    def mark_complete(self, info: dict) -> None:
+        missing = [n for n in self.spec.grid if not self.has(n)]
+        if missing:
+            raise RuntimeError(f"database incomplete: {len(missing)} layers missing, e.g. {missing[0]}")
+        write_json(self.manifest, {"key": self.key, "spec": asdict(self.spec), "complete": True, **info})
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.exists() and read_json(self.manifest).get("complete", False)
+
+    def info(self) -> dict:
+        return {k: v for k, v in read_json(self.manifest).items() if k != "spec"}
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def _open(self, name: str):
+        if name not in self._handles:
+            if not self.has(name):
+                raise KeyError(f"database {self.path}: layer {name} not built")
+            self._handles[name] = safe_open(str(self.layer_file(name)), framework="pt")  # memory-mapped
+        return self._handles[name]
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return tuple(json.loads(self._open(name).metadata()["shape"]))
+
+    def quantized(self, name: str, level: int) -> QuantizedWeight:
+        f = self._open(name)
+        bits = self.spec.grid[name][level]
+        return QuantizedWeight(f.get_tensor(f"L{level}.codes"), f.get_tensor(f"L{level}.scales").float(),
+                               f.get_tensor(f"L{level}.zeros").float(), f.get_tensor(f"L{level}.g_idx"), int(bits),
+                               json.loads(f.metadata()["sym"]))
+
+    def weight(self, name: str, level: int) -> torch.Tensor:
+        """The dense weight of one layer at one level (index into its grid), in the storage dtype."""
+        if self.spec.kind == "quant":
+            return self.quantized(name, level).dequantize().to(self.dtype)
+        f = self._open(name)
+        return decode_sparse(f.get_tensor(f"L{level}.mask"), f.get_tensor(f"L{level}.values"), self.shape(name))
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.path / "layers").glob("*.safetensors"))
