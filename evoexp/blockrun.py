@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from evoexp.methods.drop import CACHE_KWARGS
 from evoexp.models.adapter import DecoderAdapter
 
 
@@ -53,8 +54,7 @@ class BlockRunner:
             handles = [
                 blk.register_forward_pre_hook(
                     lambda _m, _a, kw, i=i: per_block[i].update(
-                        {k: v for k, v in kw.items() if k not in ("hidden_states", "past_key_values",
-                                                                  "past_key_value")}), with_kwargs=True)
+                        {k: v for k, v in kw.items() if k != "hidden_states" and k not in CACHE_KWARGS}), with_kwargs=True)
                 for i, blk in enumerate(self.adapter.blocks)
             ]
             handles.append(self.adapter.blocks[0].register_forward_hook(

@@ -205,3 +205,21 @@ def test_layerwise_config_mistakes_are_one_line_errors(tmp_path, args, message):
                   env={"EVOEXP_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 2 and message in out.stderr, out.stderr[-1500:]
     assert "Traceback" not in out.stderr
+
+
+def test_level_cache_avoids_decoding_a_level_twice(tiny, windows, tmp_path):
+    win, proto = windows
+    db = Database(tmp_path, spec_for(tiny, proto, "sparse", SPARSE_LEVELS, "dense", SparseGPTCfg()))
+    build_database(db, tiny.adapter, win, SparseGPTCfg(), batch=4)
+    name = next(iter(db.spec.grid))
+    cached = LevelApplier(tiny.adapter, db, cache_gb=0.01)
+    for level in (0, 1, 0, 1, 2, 0):
+        cached.apply({name: level})
+        assert torch.equal(tiny.adapter.module(name).weight, db.weight(name, level))
+    assert cached.loads == 3
+    cached.restore()
+    tight = LevelApplier(tiny.adapter, db, cache_gb=4096 * 4 / 2 ** 30)  # room for one 64x64 fp32 weight
+    for level in (0, 1, 0):
+        tight.apply({name: level})
+    assert tight.loads == 3 and len(tight.cache) == 1
+    tight.restore()

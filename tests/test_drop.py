@@ -1,5 +1,6 @@
 """Depth pruning mechanics: drop configs, zero sub-blocks, the applier, materializing and exporting."""
 import copy
+import inspect
 import json
 
 import numpy as np
@@ -279,9 +280,11 @@ def test_incremental_decoding_counts_tokens_when_block0_attention_dropped(tiny):
     with DropApplier(tiny.adapter).applied(DropConfig.from_lines(GEN_CONFIGS["attn0"])), torch.no_grad():
         full = tiny.model(ids).logits
         cache = DynamicCache(config=tiny.model.config)
-        steps = [tiny.model(ids[:, :8], past_key_values=cache, use_cache=True).logits]
+        # transformers 5.24 renamed `past_key_values` to `cache`; pass whichever this version takes.
+        name = "cache" if "cache" in inspect.signature(tiny.model.forward).parameters else "past_key_values"
+        steps = [tiny.model(ids[:, :8], **{name: cache}, use_cache=True).logits]
         for t in range(8, 12):
-            steps.append(tiny.model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(tiny.model(ids[:, t:t + 1], **{name: cache}, use_cache=True).logits)
     assert cache.get_seq_length() == 12
     assert cache.layers[0].keys.shape == (2, 1, 12, 1)  # the dummy slot costs one number per token
     assert cache.layers[1].keys.shape == (2, 2, 12, 16)

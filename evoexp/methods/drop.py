@@ -117,6 +117,10 @@ class DropConfig:
         return DropConfig([self.attn[i] for i in keep], [self.mlp[i] for i in keep])
 
 
+# The name the cache is passed under has changed across transformers releases (5.24 renamed it `cache`).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
+
+
 class ZeroAttention(nn.Module):
     """Stands in for a dropped attention sub-block: outputs zeros, keeps the KV cache's token count right."""
 
@@ -126,7 +130,7 @@ class ZeroAttention(nn.Module):
 
     def forward(self, *args, **kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is not None and self.layer_idx is not None:
             # [batch, 1 head, seq, 1 dim]: the cache grows by the right number of tokens at ~no memory cost.
             dummy = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
+from evoexp.search.space import LevelSpace
 
 MAX_BITS = 8
 
@@ -70,3 +74,111 @@ def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], targ
                             f"{propagation} needs it in the grid")
         reference[name] = close[0]
     return propagation, reference
+
+
+# --- level spaces for the searches (EvoPress, random, OWL, DP) ------------------------------------------------
+@dataclass
+class LayerLevels:
+    """A search space over per-layer levels and the database grid behind it.
+
+    A search state holds one integer level per unit; `layers_of(state)` turns it into {layer: grid index}.
+    Sparse: unit = layer, level ℓ means exactly z0 + ℓ·step zeros, so any ±1 switch keeps the total count of
+    non-zeros. Quant: unit = layer (or a tied q/k/v or gate/up group), level = index into the bit-widths, and
+    switches stay within groups of equal size, so the total number of bits is kept.
+    """
+
+    space: LevelSpace
+    grid: dict[str, list]  # layer -> level values (sparsities or bit-widths) in level order
+    unit_layers: list[list[str]]  # layers each unit sets
+    offset: np.ndarray  # grid index = level - offset (the unit's lowest level)
+    numel: np.ndarray  # weights per unit
+
+    def layers_of(self, state: np.ndarray) -> dict[str, int]:
+        return {name: int(state[u] - self.offset[u]) for u, names in enumerate(self.unit_layers) for name in names}
+
+    def values(self, state: np.ndarray) -> dict[str, float]:
+        return {name: self.grid[name][i] for name, i in self.layers_of(state).items()}
+
+
+def default_step(target: float, hidden: int, num_levels: int) -> int:
+    """EvoPress's default level step in weights: 0.5 · min(s, 1 − s) / L · hidden²."""
+    return max(1, int(0.5 * min(target, 1 - target) / num_levels * hidden * hidden))
+
+
+def sparse_levels(layers: list[LinearInfo], target: float, step: int, num_levels: int) -> LayerLevels:
+    """Equal parameter steps around the target: level ℓ of a layer with N weights prunes round(sN) + ℓ·step."""
+    if step < 1:
+        raise UserError(f"method.step: a positive number of weights per level is expected, got {step}")
+    names, lo, hi, grid, numel = [], [], [], {}, []
+    for li in layers:
+        n = li.numel
+        z0 = round(target * n)
+        a, b = -min(z0 // step, num_levels), min((n - z0) // step, num_levels)
+        names.append(li.name)
+        lo.append(a)
+        hi.append(b)
+        numel.append(n)
+        grid[li.name] = [(z0 + lvl * step) / n for lvl in range(a, b + 1)]
+    blocks = [li.block for li in layers]
+    space = LevelSpace(names, np.array(lo), np.array(hi), [np.arange(len(layers))], [0], blocks)
+    return LayerLevels(space, grid, [[n] for n in names], np.array(lo), np.array(numel))
+
+
+TIES = {"attn_in": "qkv", "mlp_in": "gate_up"}  # projections serving engines fuse share one bit-width
+
+
+def quant_levels(layers: list[LinearInfo], target: float, bits: list[int], group_rule: str = "size",
+                 tied: bool = False, state_sums: dict | None = None) -> LayerLevels:
+    """Bit-width levels; switch groups by unit size (`size`) or projection name (`name`).
+
+    An integer target fixes every group's budget at target bits per weight. For a fractional target the per-group
+    budgets come from a start state (`state_sums`: group index -> sum of levels), as in EvoPress where they
+    are whatever the best random initial allocation spent."""
+    bits = sorted(bits)
+    if bits != list(range(bits[0], bits[-1] + 1)):
+        raise UserError(f"method.levels: consecutive bit-widths are expected (a level switch moves one bit), "
+                        f"got {bits}")
+    if group_rule not in ("size", "name"):
+        raise UserError(f"method.group_rule: expected size or name, got {group_rule!r}")
+    units: dict[tuple, list[LinearInfo]] = {}
+    for li in layers:
+        key = (li.block, TIES[li.role]) if tied and li.role in TIES else (li.block, li.short)
+        units.setdefault(key, []).append(li)
+    unit_list = list(units.values())
+    numel = np.array([sum(li.numel for li in u) for u in unit_list])
+    labels = [numel[i] if group_rule == "size" else key[1] for i, key in enumerate(units)]
+    groups = [np.flatnonzero(np.array([lab == g for lab in labels])) for g in dict.fromkeys(labels)]
+    base = bits[0]
+    if state_sums is None:
+        if target != int(target):
+            raise UserError(f"method.target: {target} bits is fractional; it needs start-state budgets")
+        targets = [int(len(g) * (int(target) - base)) for g in groups]
+    else:
+        targets = [int(state_sums[i]) for i in range(len(groups))]
+    size = len(unit_list)
+    space = LevelSpace([u[0].name if len(u) == 1 else "+".join(li.short for li in u) + f"@{u[0].block}"
+                        for u in unit_list], np.zeros(size), np.full(size, len(bits) - 1), groups, targets,
+                       [u[0].block for u in unit_list])
+    grid = {li.name: list(bits) for li in layers}
+    return LayerLevels(space, grid, [[li.name for li in u] for u in unit_list], np.zeros(size, dtype=np.int64),
+                       numel)
+
+
+def fractional_start(levels: LayerLevels, target: float, bits: list[int], rng: np.random.Generator) -> np.ndarray:
+    """EvoPress's start for fractional bit targets: every unit at ceil(target), then random units (group chosen
+    in proportion to its size in units) lowered one bit at a time until the mean is at most the target."""
+    base = min(bits)
+    state = np.full(levels.space.size, math.ceil(target) - base, dtype=np.int64)
+    budget = target * levels.numel.sum()
+    groups = levels.space.groups
+    weights = np.array([len(g) for g in groups], dtype=float)
+    while ((state + base) * levels.numel).sum() > budget + 1e-9:
+        g = groups[rng.choice(len(groups), p=weights / weights.sum())]
+        lowerable = g[state[g] > 0]
+        if lowerable.size:
+            state[lowerable[rng.integers(lowerable.size)]] -= 1
+    return state
+
+
+def bits_of(levels: LayerLevels, state: np.ndarray, base: int) -> float:
+    return float(((state + base) * levels.numel).sum() / levels.numel.sum())
