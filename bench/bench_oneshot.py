@@ -55,7 +55,7 @@ def ppl_of(result: dict) -> float:
     return result["objective"]
 
 
-def calibration_file(windows: int, seq_len: int, path: Path) -> tuple[str, dict]:
+def calibration_file(windows: int, seq_len: int, path: Path, seed: int = 0) -> tuple[str, dict]:
     """The windows evoexp's database draws (same function, seed and source), saved for llm-compressor."""
     import torch
     from safetensors.torch import save_file
@@ -68,7 +68,8 @@ def calibration_file(windows: int, seq_len: int, path: Path) -> tuple[str, dict]
                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     model_dir = _embedded_checkpoint(cfg)[0]
     tok = load_model(cfg, torch.device("cpu"), torch.float32).tokenizer
-    ids, proto = calibration_windows(load_tokens("wikitext2:validation", tok), tok, seq_len, windows, seed=0, bos=False)
+    ids, proto = calibration_windows(load_tokens("wikitext2:validation", tok), tok, seq_len, windows, seed=seed,
+                                     bos=False)
     save_file({"input_ids": ids.contiguous()}, str(path))
     return model_dir, proto.as_dict()
 
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--seed", type=int, default=0, help="which calibration windows both tools get")
     ap.add_argument("--out", default="outputs/bench/oneshot")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -86,9 +88,9 @@ def main():
     out.mkdir(parents=True)
     python = ensure_venv()
     windows_file = out / "calibration.safetensors"
-    model_dir, proto = calibration_file(args.windows, args.seq_len, windows_file)
+    model_dir, proto = calibration_file(args.windows, args.seq_len, windows_file, args.seed)
     common = ["search=uniform", f"database.windows={args.windows}", f"database.seq_len={args.seq_len}",
-              f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}", "data.seed=0"]
+              f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}", f"data.seed={args.seed}"]
     rows = []
     dense = evoexp(["method=dense", "search=none", f"eval.windows={args.eval_windows}",
                     f"eval.seq_len={args.seq_len}"], out / "dense")

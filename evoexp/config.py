@@ -124,6 +124,9 @@ class SparseMethodCfg:
     kind: str = "sparse"
     target: float = 0.5  # mean sparsity over all block linears (fraction of weights set to zero)
     nm: Optional[List[int]] = None  # [n, m]: prune n of every m consecutive weights per row (fixes sparsity n/m)
+    # Searches: level l of a layer prunes round(target * N) + l * step weights, l in [-num_levels, num_levels].
+    step: Optional[int] = None  # weights per level; null: EvoPress's 0.5 * min(s, 1 - s) / num_levels * hidden^2
+    num_levels: int = 8
     export: bool = False
 
 
@@ -134,6 +137,10 @@ class QuantMethodCfg:
     kind: str = "quant"
     target: float = 4  # mean bits per weight over all block linears
     levels: List[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])  # bit-widths a layer may take
+    # Searches: size (switch bits between layers of equal size), name (same projection type), none (any
+    # layers, with moves that trade exactly equal bit counts).
+    group_rule: str = "size"
+    tied: bool = False  # q/k/v and gate/up share one bit-width (serving engines fuse them)
     export: bool = False
 
 
@@ -191,6 +198,15 @@ class DatabaseCfg:
     true_sequential: bool = False
     batch: int = 8  # windows per forward
     dtype: Optional[DType] = None  # storage dtype of values and scales; null: the run's dtype
+    cache_gb: float = 4.0  # searches: decoded levels kept in memory (LRU) so revisits cost no disk read
+
+
+@dataclass
+class ExportCfg:
+    """What a run writes into <run dir>/model: none | hf (plain checkpoint) | compressed_tensors (packed
+    integer codes, method=quant) | auto (the method's natural format: quant -> compressed_tensors, else hf)."""
+
+    kind: str = "none"
 
 
 @dataclass
@@ -215,15 +231,20 @@ class StageCfg:
 @dataclass
 class EvoPressCfg:
     kind: str = "evopress"
-    generations: Optional[int] = None  # null: the method's default (depth pruning: k(n-k)/1.5)
+    # null: the method's default (depth pruning: k(n-k)/1.5; sparsity 400; quantization 150)
+    generations: Optional[int] = None
     offspring: int = 32
     stages: List[StageCfg] = field(default_factory=lambda: [StageCfg(2, 2048), StageCfg(1, 32768)])
     max_switches: int = 3  # a child gets min(U{1..m}, U{1..m}) level switches
-    init: str = "random"  # random (best of init_candidates) | uniform
+    # random (best of init_candidates) | uniform | fractional (best of init_candidates EvoPress starts for a
+    # fractional bit target) | null: the method's default (depth: random; sparsity and quantization: uniform,
+    # fractional for a fractional bit target)
+    init: Optional[str] = None
     init_candidates: int = 64
     init_tokens: int = 2048
     max_tries: int = 100
-    references: List[str] = field(default_factory=lambda: ["shortgpt"])  # baselines evaluated alongside
+    # baselines evaluated alongside; null: the method's default (depth: shortgpt; sparse and quant: uniform)
+    references: Optional[List[str]] = None
     incremental: bool = True  # reuse the parent's block inputs (false: full forward per candidate)
     max_batch: int = 8  # calibration windows per forward
 
@@ -234,6 +255,26 @@ class RandomSearchCfg:
     candidates: int = 64
     tokens: int = 8192
     references: List[str] = field(default_factory=list)
+
+
+@dataclass
+class OwlSearchCfg:
+    """OWL: per-block sparsity from the outlier ratio of Wanda scores, the best (lambda, M) on calibration KL."""
+
+    kind: str = "owl"
+    lambdas: List[float] = field(default_factory=lambda: [0.02, 0.05, 0.08, 0.1, 0.2])
+    ms: List[float] = field(default_factory=lambda: [3.0, 5.0, 7.0, 10.0])
+    tokens: int = 8192  # calibration tokens the (lambda, M) candidates are compared on
+    references: Optional[List[str]] = None  # null: uniform
+
+
+@dataclass
+class DPSearchCfg:
+    """Error additivity (SPDY-style): per-layer reconstruction errors, a knapsack under the exact budget."""
+
+    kind: str = "dp"
+    resolution: int = 200_000  # most budget steps the knapsack table may have (costs are coarsened above)
+    references: Optional[List[str]] = None  # null: uniform
 
 
 @dataclass
@@ -269,6 +310,7 @@ class RunCfg:
     search: Any = MISSING
     solver: Any = None  # layer-wise solver (method=sparse|quant choose theirs: solver=sparsegpt|gptq|...)
     database: DatabaseCfg = field(default_factory=DatabaseCfg)
+    export: ExportCfg = field(default_factory=ExportCfg)
     fitness: FitnessCfg = field(default_factory=FitnessCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
@@ -290,6 +332,8 @@ OPTION_SCHEMAS = {
     "search/evopress": EvoPressCfg,
     "search/random": RandomSearchCfg,
     "search/brute": BruteSearchCfg,
+    "search/owl": OwlSearchCfg,
+    "search/dp": DPSearchCfg,
     "search/score": ScoreSearchCfg,
 }
 

@@ -67,6 +67,20 @@ def file_hash(path: str | os.PathLike, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def cached_file_hash(path: str | os.PathLike) -> str:
+    """file_hash, remembered under the cache root by (path, size, mtime): a checkpoint is read in full once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    memo = cache_root() / "file_hashes" / f"{stable_hash([str(p), st.st_size, st.st_mtime_ns])}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = file_hash(p)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(memo) as tmp:
+        Path(tmp).write_text(digest)
+    return digest
+
+
 def git_sha() -> str | None:
     """Commit of the evoexp checkout (with '+dirty' when it has local changes); None outside git."""
     src = Path(__file__).resolve().parent.parent

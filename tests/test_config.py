@@ -16,7 +16,7 @@ REQUIRED = {
     **{f"solver/{s}": ["method=sparse"] for s in ("sparsegpt", "wanda", "magnitude")},
     **{f"solver/{s}": ["method=quant"] for s in ("gptq", "rtn")},
 }
-GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger"]
+GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger", "export"]
 
 
 def group_options():

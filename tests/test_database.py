@@ -100,11 +100,11 @@ def test_killed_build_resumes_per_layer_and_equals_an_uninterrupted_one(tiny, wi
     saved = []
     original = Database.save_layer
 
-    def dying(self, name, shape, results):
+    def dying(self, name, shape, results, extra=None):
         if len(saved) == 23:  # in the middle of block 3
             raise Killed
         saved.append(name)
-        original(self, name, shape, results)
+        original(self, name, shape, results, extra)
 
     monkeypatch.setattr(Database, "save_layer", dying)
     with pytest.raises(Killed):
@@ -117,6 +117,26 @@ def test_killed_build_resumes_per_layer_and_equals_an_uninterrupted_one(tiny, wi
     for name in spec.grid:
         for x, y in zip(a[name], b[name]):
             assert torch.equal(x, y), name
+        assert torch.equal(fresh.errors(name), db.errors(name))
+
+
+def test_stored_errors_are_the_relative_output_error_of_each_level(tiny, windows, tmp_path):
+    """errors[l] = <dW H dW^T> / <W H W^T> with H from the same calibration inputs: grows with sparsity."""
+    win, proto = windows
+    db = Database(tmp_path, spec_for(tiny, proto, "sparse", SPARSE_LEVELS, "dense", SparseGPTCfg()))
+    build_database(db, tiny.adapter, win, SparseGPTCfg(), batch=4)
+    for name in db.spec.grid:
+        err = db.errors(name)
+        assert err.dtype == torch.float64 and len(err) == 3
+        assert 0 < err[0] < err[1] < err[2] < 1, name
+    name = "model.layers.0.self_attn.q_proj"
+    x = torch.cat([tiny.adapter.model.model.embed_tokens(w) for w in win]).reshape(-1, 64)
+    x = tiny.adapter.blocks[0].input_layernorm(x)
+    W = tiny.adapter.module(name).weight
+    for level in range(3):  # block 0's q_proj input is the normed embedding: recompute the error directly
+        dW = W - db.weight(name, level)
+        direct = ((x @ dW.T).square().sum() / (x @ W.T).square().sum()).item()
+        assert db.errors(name)[level].item() == pytest.approx(direct, rel=1e-4)
 
 
 def test_propagation_choices_change_later_blocks_only(tiny, windows, tmp_path):
@@ -196,7 +216,10 @@ def test_uniform_cli_runs_every_solver_and_reuses_its_database(tmp_path):
     (["method=sparse", "solver=gptq"], "solver: 'gptq' does not apply to method=sparse"),
     (["method=sparse", "method.nm=[2,4]", "method.target=0.6"], "method.nm: 2:4 prunes exactly 0.5"),
     (["method=quant", "method.target=2.5"], "method.target: search=uniform needs a whole bit-width"),
-    (["method=sparse", "search=evopress"], "search: 'evopress' does not apply to method=sparse"),
+    (["method=sparse", "search=shortgpt"], "search: 'shortgpt' does not apply to method=sparse"),
+    (["method=quant", "search=owl"], "owl allocates sparsity"),
+    (["method=sparse", "method.nm=[2,4]", "search=dp"], "only search=uniform applies"),
+    (["method=sparse", "search=evopress", "search.references=[shortgpt]"], "search.references: 'shortgpt'"),
     (["method=sparse", "database.propagation=sideways"], "database.propagation"),
 ])
 def test_layerwise_config_mistakes_are_one_line_errors(tmp_path, args, message):

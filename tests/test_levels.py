@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from evoexp.errors import UserError
-from evoexp.methods.layerwise import (bits_of, default_step, fractional_start, quant_levels, sparse_levels,
-                                      units)
+from evoexp.methods.layerwise import (bits_of, default_step, fractional_start, group_sums, quant_levels,
+                                      sparse_levels, units)
 from evoexp.models.adapter import LinearInfo
 
 
@@ -55,7 +55,8 @@ def test_sparse_levels_match_the_evopress_ranges():
         sparse_levels(layers, 0.5, 0, 8)
 
 
-@pytest.mark.parametrize("rule,tied", [("size", False), ("name", False), ("size", True), ("name", True)])
+@pytest.mark.parametrize("rule,tied", [("size", False), ("name", False), ("none", False), ("size", True),
+                                       ("name", True), ("none", True)])
 def test_quant_switches_keep_total_bits_for_every_group_rule(rule, tied):
     layers = llama_like()
     lv = quant_levels(layers, 3, [2, 3, 4, 5, 6], rule, tied)
@@ -63,9 +64,17 @@ def test_quant_switches_keep_total_bits_for_every_group_rule(rule, tied):
     assert bits_of(lv, state, 2) == 3.0
     total = ((state + 2) * lv.numel).sum()
     rng = np.random.default_rng(1)
+    moved = 0
     for _ in range(300):
-        state = lv.space.mutate(state, rng)
+        child = lv.space.mutate(state, rng)
+        moved += not np.array_equal(child, state)
+        state = child
         assert ((state + 2) * lv.numel).sum() == total
+    assert moved > 200  # switches do happen (with weighted units too)
+    assert len(np.unique(state)) > 1
+    if rule == "none":  # one group: bits move between layers of different sizes
+        assert len(lv.space.groups) == 1 and len(set(lv.numel.tolist())) > 1
+    else:
         for g in lv.space.groups:  # a group only holds units of one size
             assert len(set(lv.numel[g].tolist())) == 1
     if tied:
@@ -75,15 +84,14 @@ def test_quant_switches_keep_total_bits_for_every_group_rule(rule, tied):
             assert names[f"model.layers.{b}.gate_proj"] == names[f"model.layers.{b}.up_proj"]
 
 
-@pytest.mark.parametrize("target", [2.25, 2.5])
-def test_fractional_bit_targets_start_feasible_and_keep_their_budget(target):
+@pytest.mark.parametrize("target,rule", [(2.25, "size"), (2.5, "size"), (2.5, "none")])
+def test_fractional_bit_targets_start_feasible_and_keep_their_budget(target, rule):
     layers = llama_like()
-    base = quant_levels(layers, 3, [2, 3, 4, 5, 6])
+    base = quant_levels(layers, 3, [2, 3, 4, 5, 6], rule)
     rng = np.random.default_rng(2)
     start = fractional_start(base, target, [2, 3, 4, 5, 6], rng)
     assert target - 0.2 < bits_of(base, start, 2) <= target
-    sums = {i: int(start[g].sum()) for i, g in enumerate(base.space.groups)}
-    lv = quant_levels(layers, target, [2, 3, 4, 5, 6], state_sums=sums)
+    lv = quant_levels(layers, target, [2, 3, 4, 5, 6], rule, state_sums=group_sums(base.space, start))
     assert lv.space.feasible(start)
     state, bits = start.copy(), bits_of(lv, start, 2)
     for _ in range(200):

@@ -42,6 +42,23 @@ def make_solver(cfg, weight: torch.Tensor, name: str = "", hessian=None, nm=None
     return SOLVER_CLASSES[cfg.kind](weight, name=name, hessian=hessian, **kwargs)
 
 
+def level_errors(W: torch.Tensor, results: list, H: torch.Tensor | None) -> torch.Tensor:
+    """⟨ΔW H ΔWᵀ⟩ / ⟨W H Wᵀ⟩ per level: the layer's output error on the calibration data, relative to its output
+    (H = identity: relative Frobenius error). The error-additivity (DP) baseline sums these."""
+    W = W.float()
+    H = None if H is None else H.to(W.device)
+
+    def energy(M: torch.Tensor) -> float:
+        return float((M @ H * M).sum()) if H is not None else float(M.square().sum())
+
+    ref = energy(W) or 1.0
+    out = []
+    for r in results:
+        w_hat = r.dequantize().to(W.device) if hasattr(r, "dequantize") else r.to(W.device)
+        out.append(energy(W - w_hat.float()) / ref)
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor | None, solver_cfg,
                    nm=None, batch: int = 8) -> dict:
     """Compute and store every missing (layer, level); returns build statistics."""
@@ -57,7 +74,11 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
     def solve(li: LinearInfo, hessian) -> None:
         W = adapter.module(li.name).weight.data
         solver = make_solver(solver_cfg, W, li.name, hessian, nm, db.dtype)
-        db.save_layer(li.name, tuple(W.shape), solver.compress(spec.grid[li.name]))
+        results = solver.compress(spec.grid[li.name])
+        extra = {"errors": level_errors(W, results, hessian.H if hessian is not None else None)}
+        if hessian is not None:
+            extra["act_norm"] = hessian.act_norm.float()
+        db.save_layer(li.name, tuple(W.shape), results, extra)
         if getattr(solver, "damp_used", None) not in (None, getattr(solver_cfg, "damp", None)):
             stats["damp"][li.name] = solver.damp_used  # Cholesky needed more damping (already logged)
         bar.update()

@@ -8,6 +8,9 @@ Encodings (tensor names prefixed with the level index, `L3.`):
 - sparse: `mask` (the non-zero pattern as packed bits, row-major) and `values` (the non-zeros, storage dtype);
 - quant: `codes` (uint8, one per weight), `scales` and `zeros` ([rows, groups]), `g_idx` ([cols], the group of
   each input column; with a group size that does not divide the width, the last group is partial).
+Per layer, for the baselines: `errors` (the relative reconstruction error ⟨ΔW H ΔWᵀ⟩ / ⟨W H Wᵀ⟩ of every level,
+with H the layer's calibration Hessian, or the identity for data-free solvers) and `act_norm` (‖x_j‖ per input
+column, when the solver saw data).
 A layer file exists only when all its levels are done, which is what makes a killed build resumable per layer.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from evoexp.solvers.quant import QuantizedWeight
 from evoexp.utils import atomic_path, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass
@@ -96,12 +99,13 @@ class Database:
     def has(self, name: str) -> bool:
         return self.layer_file(name).exists()
 
-    def save_layer(self, name: str, shape: tuple[int, int], results: list) -> None:
+    def save_layer(self, name: str, shape: tuple[int, int], results: list,
+                   extra: dict[str, torch.Tensor] | None = None) -> None:
         """Store every level of one layer (pruned tensors or QuantizedWeights, in grid order), atomically."""
         levels = self.spec.grid[name]
         if len(results) != len(levels):
             raise ValueError(f"{name}: {len(results)} results for {len(levels)} levels")
-        tensors = {}
+        tensors = {k: v.contiguous().cpu() for k, v in (extra or {}).items()}
         for i, r in enumerate(results):
             enc = encode_quant(r, self.dtype) if self.spec.kind == "quant" else encode_sparse(r, self.dtype)
             tensors.update({f"L{i}.{k}": v for k, v in enc.items()})
@@ -151,6 +155,10 @@ class Database:
             return self.quantized(name, level).dequantize().to(self.dtype)
         f = self._open(name)
         return decode_sparse(f.get_tensor(f"L{level}.mask"), f.get_tensor(f"L{level}.values"), self.shape(name))
+
+    def errors(self, name: str) -> torch.Tensor:
+        """Relative reconstruction error of every level of a layer (float64, grid order)."""
+        return self._open(name).get_tensor("errors")
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.path / "layers").glob("*.safetensors"))

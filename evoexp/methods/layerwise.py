@@ -128,40 +128,52 @@ TIES = {"attn_in": "qkv", "mlp_in": "gate_up"}  # projections serving engines fu
 
 
 def quant_levels(layers: list[LinearInfo], target: float, bits: list[int], group_rule: str = "size",
-                 tied: bool = False, state_sums: dict | None = None) -> LayerLevels:
-    """Bit-width levels; switch groups by unit size (`size`) or projection name (`name`).
+                 tied: bool = False, state_sums: list[int] | None = None) -> LayerLevels:
+    """Bit-width levels; switch groups by unit size (`size`), projection name (`name`) or none (`none`: one
+    group, each unit weighted by its size, so a switch trades exactly equal numbers of bits).
 
     An integer target fixes every group's budget at target bits per weight. For a fractional target the per-group
-    budgets come from a start state (`state_sums`: group index -> sum of levels), as in EvoPress where they
-    are whatever the best random initial allocation spent."""
+    budgets come from a start state (`state_sums`, see `group_sums`), as in EvoPress where they are whatever the
+    best random initial allocation spent."""
     bits = sorted(bits)
     if bits != list(range(bits[0], bits[-1] + 1)):
         raise UserError(f"method.levels: consecutive bit-widths are expected (a level switch moves one bit), "
                         f"got {bits}")
-    if group_rule not in ("size", "name"):
-        raise UserError(f"method.group_rule: expected size or name, got {group_rule!r}")
+    if group_rule not in ("size", "name", "none"):
+        raise UserError(f"method.group_rule: expected size, name or none, got {group_rule!r}")
     units: dict[tuple, list[LinearInfo]] = {}
     for li in layers:
         key = (li.block, TIES[li.role]) if tied and li.role in TIES else (li.block, li.short)
         units.setdefault(key, []).append(li)
     unit_list = list(units.values())
     numel = np.array([sum(li.numel for li in u) for u in unit_list])
-    labels = [numel[i] if group_rule == "size" else key[1] for i, key in enumerate(units)]
+    weights = None
+    if group_rule == "none":
+        labels = [0] * len(unit_list)
+        weights = numel // math.gcd(*numel.tolist())
+    else:
+        labels = [numel[i] if group_rule == "size" else key[1] for i, key in enumerate(units)]
     groups = [np.flatnonzero(np.array([lab == g for lab in labels])) for g in dict.fromkeys(labels)]
     base = bits[0]
     if state_sums is None:
         if target != int(target):
             raise UserError(f"method.target: {target} bits is fractional; it needs start-state budgets")
-        targets = [int(len(g) * (int(target) - base)) for g in groups]
+        per_unit = np.ones(len(unit_list), dtype=np.int64) if weights is None else weights
+        targets = [int(per_unit[g].sum() * (int(target) - base)) for g in groups]
     else:
-        targets = [int(state_sums[i]) for i in range(len(groups))]
+        targets = [int(t) for t in state_sums]
     size = len(unit_list)
     space = LevelSpace([u[0].name if len(u) == 1 else "+".join(li.short for li in u) + f"@{u[0].block}"
                         for u in unit_list], np.zeros(size), np.full(size, len(bits) - 1), groups, targets,
-                       [u[0].block for u in unit_list])
+                       [u[0].block for u in unit_list], weights=weights)
     grid = {li.name: list(bits) for li in layers}
     return LayerLevels(space, grid, [[li.name for li in u] for u in unit_list], np.zeros(size, dtype=np.int64),
                        numel)
+
+
+def group_sums(space: LevelSpace, state: np.ndarray) -> list[int]:
+    """What a state spends in each switch group: the budgets a space built around it holds fixed."""
+    return [space.spent(state, g) for g in space.groups]
 
 
 def fractional_start(levels: LayerLevels, target: float, bits: list[int], rng: np.random.Generator) -> np.ndarray:

@@ -15,7 +15,9 @@ from torch import nn
 from evoexp.config import ModelCfg
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
-from evoexp.utils import cache_root, file_hash, stable_hash
+from evoexp.utils import cache_root, cached_file_hash, file_hash, stable_hash
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 log = logging.getLogger(__name__)
 CONVERSION_VERSION = 1  # bump when the GGUF -> safetensors conversion changes
@@ -124,7 +126,9 @@ def _hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"model.path {cfg.path!r}: directory has no config.json (not an HF checkpoint)")
-        files = {p.name: p.stat().st_size for p in sorted(local.iterdir()) if p.is_file()}
+        # Sizes alone do not tell two checkpoints of one architecture apart: hash the weight files' contents.
+        files = {p.name: cached_file_hash(p) if p.suffix in WEIGHT_SUFFIXES else p.stat().st_size
+                 for p in sorted(local.iterdir()) if p.is_file()}
         config = (local / "config.json").read_text()
         return str(local), "local:" + stable_hash({"config": config, "files": files}), str(local.resolve())
     if local.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:

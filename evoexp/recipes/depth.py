@@ -54,7 +54,8 @@ class DepthPruningRecipe:
             state, search_info = self.search(ds, evaluator, ppl_evaluator)
             search_info["seconds"] = round(time.time() - t0, 2)
         states = {"dense": np.zeros(ds.space.size, dtype=np.int64), rc.search.kind: state}
-        for name in rc.search.references:
+        references = rc.search.references if rc.search.references is not None else ["shortgpt"]
+        for name in references:
             if name not in states:
                 with self.timed(f"reference_{name}"):
                     states[name] = self.baseline(name, ds, ppl_evaluator)
@@ -63,7 +64,9 @@ class DepthPruningRecipe:
         self.applier.restore()
         allocation = self.allocation(ds, state, search_info)
         write_json(self.out_dir / "allocation.json", allocation)
-        if rc.method.export:
+        if rc.export.kind not in ("none", "hf", "auto"):
+            raise UserError(f"export: method=drop exports as hf, not {rc.export.kind}")
+        if rc.method.export or rc.export.kind != "none":
             with self.timed("export"):
                 export_dropped(self.loaded.model, self.loaded.tokenizer, ds.to_config(state),
                                self.out_dir / "model")
@@ -96,7 +99,7 @@ class DepthPruningRecipe:
         settings = EvoPressSettings(
             generations=s.generations if s.generations is not None else ds.default_generations,
             offspring=s.offspring, stages=[Stage(st.survivors, st.tokens) for st in s.stages],
-            max_switches=s.max_switches, init=s.init, init_candidates=s.init_candidates,
+            max_switches=s.max_switches, init=s.init or "random", init_candidates=s.init_candidates,
             init_tokens=s.init_tokens, max_tries=s.max_tries)
         teacher = evaluator.teacher
 

@@ -48,7 +48,7 @@ class EvoPressSettings:
     offspring: int
     stages: list[Stage]
     max_switches: int = 3
-    init: str = "random"  # random | uniform
+    init: str = "random"  # random | uniform | given (the `start` state passed to EvoPress)
     init_candidates: int = 64
     init_tokens: int = 2048
     max_tries: int = 100  # mutation attempts per wanted child before the space counts as exhausted
@@ -57,17 +57,19 @@ class EvoPressSettings:
 class EvoPress:
     def __init__(self, settings: EvoPressSettings, space: LevelSpace, evaluator: CandidateEvaluator,
                  sample: Sampler, seed: int, run_dir: Path | None = None,
-                 on_generation: Callable[[dict], None] | None = None):
+                 on_generation: Callable[[dict], None] | None = None, start: np.ndarray | None = None):
         if not settings.stages:
             raise UserError("search.stages: at least one stage is needed")
         if settings.stages[-1].survivors < 1 or any(s.survivors < 1 for s in settings.stages):
             raise UserError("search.stages: survivors must be >= 1")
         self.s, self.space, self.evaluator, self.sample = settings, space, evaluator, sample
-        self.seed, self.on_generation = seed, on_generation
+        self.seed, self.on_generation, self.start = seed, on_generation, start
+        if (settings.init == "given") != (start is not None):
+            raise ValueError("EvoPress: init='given' goes with a start state, and only with it")
         self.state_file = run_dir / "search_state.json" if run_dir else None
         self.history_file = run_dir / "history.jsonl" if run_dir else None
         self.key = stable_hash({"settings": asdict(settings), "names": space.names, "targets": space.targets,
-                                "seed": seed})
+                                "seed": seed, **({"start": start.tolist()} if start is not None else {})})
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -122,13 +124,16 @@ class EvoPress:
         if self.s.init == "uniform":
             parent = self.space.uniform_state()
             fit = self.evaluator.score([parent], self.sample(self.s.init_tokens, rng))[0]
+        elif self.s.init == "given":
+            parent = self.start.copy()
+            fit = self.evaluator.score([parent], self.sample(self.s.init_tokens, rng))[0]
         elif self.s.init == "random":
             cands = self.space.random_states(rng, self.s.init_candidates, self.s.max_tries)
             fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng))
             best = int(np.argmin(fits))
             parent, fit = cands[best], float(fits[best])
         else:
-            raise UserError(f"search.init: expected random | uniform, got {self.s.init!r}")
+            raise UserError(f"search.init: expected random | uniform | fractional, got {self.s.init!r}")
         log.info("search start: fitness %.5f (%s init), %d generations of %d offspring", fit, self.s.init,
                  self.s.generations, self.s.offspring)
         if self.history_file is not None and self.history_file.exists():

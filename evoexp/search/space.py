@@ -4,6 +4,8 @@ Units are split into switch groups. Within a group the sum of levels is the budg
 unit and lowers another by the same step, so every reachable state spends exactly the same budget and no
 repair step is ever needed. (Depth pruning: a group is the attention or the MLP sub-blocks, level 1 = dropped.
 Sparsity: equal parameter steps make all layers one group. Quantization: layers of equal size form a group.)
+A group may also weigh its units (`weights`, e.g. weights per bit for quantization with group_rule=none): the
+budget is then the weighted sum, and a switch raises one unit and lowers others whose weights add up exactly.
 """
 from __future__ import annotations
 
@@ -24,25 +26,34 @@ class LevelSpace:
     targets: list[int]  # the fixed sum of levels of each group
     unit_block: np.ndarray  # decoder block of each unit (candidates are re-run from their first changed block)
     group_weights: np.ndarray = field(default=None)  # probability of choosing a group for a switch
+    weights: np.ndarray = field(default=None)  # budget cost of one level per unit (default 1)
 
     def __post_init__(self):
         self.lo, self.hi = np.asarray(self.lo, dtype=np.int64), np.asarray(self.hi, dtype=np.int64)
+        self.weights = (np.ones(len(self.names), dtype=np.int64) if self.weights is None
+                        else np.asarray(self.weights, dtype=np.int64))
+        if np.any(self.weights < 1):
+            raise ValueError("LevelSpace.weights must be positive integers")
         self.unit_block = np.asarray(self.unit_block, dtype=np.int64)
         self.groups = [np.asarray(g, dtype=np.int64) for g in self.groups]
         if self.group_weights is None:
             self.group_weights = np.array([len(g) for g in self.groups], dtype=float)
         for g, t in zip(self.groups, self.targets):
-            if not self.lo[g].sum() <= t <= self.hi[g].sum():
+            lo, hi = self.spent(self.lo, g), self.spent(self.hi, g)
+            if not lo <= t <= hi:
                 raise UserError(f"budget {t} is outside what units {[self.names[i] for i in g[:3]]}... allow "
-                                f"({self.lo[g].sum()}..{self.hi[g].sum()})")
+                                f"({lo}..{hi})")
 
     @property
     def size(self) -> int:
         return len(self.names)
 
+    def spent(self, state: np.ndarray, g: np.ndarray) -> int:
+        return int((self.weights[g] * state[g]).sum())
+
     def feasible(self, state: np.ndarray) -> bool:
         return bool(np.all(state >= self.lo) and np.all(state <= self.hi)
-                    and all(state[g].sum() == t for g, t in zip(self.groups, self.targets)))
+                    and all(self.spent(state, g) == t for g, t in zip(self.groups, self.targets)))
 
     def switch(self, state: np.ndarray, rng: np.random.Generator) -> bool:
         """One level switch in place: +1 on one unit, -1 on another of the same group. False if none exists."""
@@ -52,6 +63,8 @@ class LevelSpace:
             return False
         w = self.group_weights[movable]
         g = self.groups[movable[rng.choice(len(movable), p=w / w.sum())]]
+        if np.any(self.weights[g] != self.weights[g[0]]):
+            return self._weighted_switch(state, g, rng)
         up = g[state[g] < self.hi[g]]
         a = up[rng.integers(len(up))]
         down = g[(state[g] > self.lo[g]) & (g != a)]
@@ -60,6 +73,28 @@ class LevelSpace:
         b = down[rng.integers(len(down))]
         state[a] += 1
         state[b] -= 1
+        return True
+
+    def _weighted_switch(self, state: np.ndarray, g: np.ndarray, rng: np.random.Generator) -> bool:
+        """Move one unit a level (up or down at random), then move other units the other way until their
+        weights add up to exactly the same amount. False (state untouched) when that cannot be done."""
+        sign = 1 if rng.random() < 0.5 else -1
+        first = g[state[g] < self.hi[g]] if sign > 0 else g[state[g] > self.lo[g]]
+        if first.size == 0:
+            return False
+        a = first[rng.integers(first.size)]
+        trial = state.copy()
+        trial[a] += sign
+        debt = int(self.weights[a])
+        while debt > 0:
+            room = trial[g] > self.lo[g] if sign > 0 else trial[g] < self.hi[g]
+            other = g[room & (g != a) & (self.weights[g] <= debt)]
+            if other.size == 0:
+                return False
+            b = other[rng.integers(other.size)]
+            trial[b] -= sign
+            debt -= int(self.weights[b])
+        state[:] = trial
         return True
 
     def mutate(self, parent: np.ndarray, rng: np.random.Generator, max_switches: int = 3) -> np.ndarray:
@@ -74,9 +109,20 @@ class LevelSpace:
         """A uniformly spread feasible state: each group's budget handed out one step at a time at random."""
         state = self.lo.copy()
         for g, t in zip(self.groups, self.targets):
-            for _ in range(t - int(state[g].sum())):
-                room = g[state[g] < self.hi[g]]
-                state[room[rng.integers(len(room))]] += 1
+            for _ in range(1000):
+                state[g] = self.lo[g]
+                left = t - self.spent(state, g)
+                while left > 0:
+                    room = g[(state[g] < self.hi[g]) & (self.weights[g] <= left)]
+                    if room.size == 0:
+                        break
+                    u = room[rng.integers(len(room))]
+                    state[u] += 1
+                    left -= int(self.weights[u])
+                if left == 0:
+                    break
+            else:
+                raise UserError(f"no random state spends the budget {t} of units {[self.names[i] for i in g[:3]]}...")
         return state
 
     def random_states(self, rng: np.random.Generator, n: int, max_tries: int = 100) -> list[np.ndarray]:
@@ -95,8 +141,9 @@ class LevelSpace:
         """Every unit of a group at the same level (the usual start for sparsity and integer bit targets)."""
         state = self.lo.copy()
         for g, t in zip(self.groups, self.targets):
-            state[g] = t // len(g)
-            if t % len(g) or not self.feasible_group(state, g):
+            per_level = int(self.weights[g].sum())
+            state[g] = t // per_level
+            if t % per_level or not self.feasible_group(state, g):
                 raise UserError("search.init=uniform: the budget cannot be split evenly; use search.init=random")
         return state
 
@@ -104,6 +151,8 @@ class LevelSpace:
         return bool(np.all(state[g] >= self.lo[g]) and np.all(state[g] <= self.hi[g]))
 
     def count_states(self) -> int:
+        if np.any(self.weights != 1):
+            raise UserError("counting / enumerating states needs unweighted groups")
         total = 1
         for g, t in zip(self.groups, self.targets):
             total *= _count_sum(self.lo[g], self.hi[g], t)

@@ -42,10 +42,39 @@ def replaced_weights(adapter: DecoderAdapter, weights: dict[str, torch.Tensor]) 
             adapter.module(name).weight.data = w
 
 
+class NormAccumulator:
+    """Only ‖x_j‖ per input column (what Wanda-score methods need), without the cost of a Hessian."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        self.sq_norm += x.square().sum(0).to(self.sq_norm.device)
+        self.tokens += x.shape[0]
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        return self.sq_norm.sqrt()
+
+
+def activation_norms(runner: BlockRunner, windows: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    """‖x_j‖₂ of every block linear's input columns over the windows, on the dense model (OWL's statistic)."""
+    norms: dict[str, torch.Tensor] = {}
+
+    def record(_block, linears, accumulators):
+        norms.update({li.name: accumulators[li.name].act_norm.cpu() for li in linears})
+        return {}
+
+    sequential(runner, windows, record, "dense", batch, accumulator=NormAccumulator)
+    return norms
+
+
 @torch.no_grad()
 def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, propagation: str = "dense",
                batch: int = 8, true_sequential: bool = False, finished: Finished | None = None,
-               on_block: Callable[[int], None] | None = None) -> None:
+               on_block: Callable[[int], None] | None = None, accumulator=HessianAccumulator) -> None:
     """Walk the blocks: accumulate Hessians from hooks (one per distinct input), compress, propagate."""
     if propagation not in PROPAGATIONS:
         raise UserError(f"database.propagation: expected one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
@@ -62,7 +91,7 @@ def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, p
         if done is not None:
             weights, outputs = done, None
         else:
-            weights, outputs = _compress_block(runner, hidden, b, compress, true_sequential)
+            weights, outputs = _compress_block(runner, hidden, b, compress, true_sequential, accumulator)
         if propagation != "dense" and weights:
             outputs = None
         if outputs is None:
@@ -74,7 +103,7 @@ def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, p
 
 
 def _compress_block(runner: BlockRunner, hidden: list[torch.Tensor], b: int, compress: Compress,
-                    true_sequential: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+                    true_sequential: bool, accumulator=HessianAccumulator) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
     """Compress block b; returns the weights to propagate with and, if still valid, the dense block outputs."""
     ad = runner.adapter
     groups = ad.input_groups(b)
@@ -84,7 +113,7 @@ def _compress_block(runner: BlockRunner, hidden: list[torch.Tensor], b: int, com
     for stage in stages:
         hessians, hooks = {}, []
         for group in stage:  # q/k/v (and gate/up) read one input: accumulate it once
-            acc = HessianAccumulator(group[0].in_features, hidden[0].device)
+            acc = accumulator(group[0].in_features, hidden[0].device)
             hessians.update({li.name: acc for li in group})
             hooks.append(ad.module(group[0].name).register_forward_hook(
                 lambda _m, args, _o, acc=acc: acc.add_batch(args[0])))

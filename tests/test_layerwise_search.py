@@ -1,0 +1,53 @@
+"""Non-uniform sparsity and bit-widths end to end on the tiny model: EvoPress and every baseline, same budget."""
+import json
+
+import pytest
+
+from evoexp.utils import read_json
+from tests.conftest import run_cli
+
+SMALL = ["model=tiny", "logger=none", "eval.windows=2", "database.windows=8", "data.calib_windows=8",
+         "search=evopress", "search.generations=2", "search.offspring=4", "search.init_candidates=4",
+         "search.init_tokens=256", "search.stages=[{survivors:2,tokens:512},{survivors:1,tokens:1024}]",
+         "fitness.report_tokens=1024", "resume=false"]
+
+
+def run(tmp_path, *args):
+    out = run_cli(*SMALL, *args, f"hydra.run.dir={tmp_path}/run", env={"EVOEXP_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return read_json(tmp_path / "run" / "result.json")
+
+
+def test_sparse_search_and_baselines_hold_the_same_number_of_nonzeros(tmp_path):
+    result = run(tmp_path, "method=sparse", "method.target=0.6", "search.references=[uniform,owl,dp,random]")
+    models = result["models"]
+    assert set(models) == {"dense", "evopress", "uniform", "owl", "dp", "random"}
+    zeros = {name: m["achieved"]["zeros"] for name, m in models.items() if name != "dense"}
+    assert len(set(zeros.values())) == 1, zeros  # every allocation prunes exactly as many weights
+    assert models["uniform"]["achieved"]["sparsity"] == pytest.approx(0.6, abs=1e-4)
+    assert models["dense"]["fitness"] == pytest.approx(0, abs=1e-5)
+    assert all(m["fitness"] > 1e-5 for name, m in models.items() if name != "dense")
+    alloc = read_json(tmp_path / "run" / "allocation.json")
+    values = alloc["levels"]
+    assert len(values) == 56 and len(set(values.values())) > 1  # EvoPress moved away from uniform
+    assert result["search"]["generations"] == 2
+    history = (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["generation"] for h in history] == [1, 2]
+    owl = result["models"]["owl"]
+    assert owl["achieved"]["params"] == models["uniform"]["achieved"]["params"]
+
+
+@pytest.mark.parametrize("target,rule", [(3, "size"), (2.5, "none")])
+def test_quant_search_and_baselines_keep_the_bit_budget(tmp_path, target, rule):
+    refs = "[uniform,dp,random]" if target == int(target) else "[dp,random]"
+    result = run(tmp_path, "method=quant", f"method.target={target}", f"method.group_rule={rule}",
+                 f"search.references={refs}")
+    models = result["models"]
+    bits = {name: m["achieved"]["bits"] for name, m in models.items() if name != "dense"}
+    assert bits["dp"] <= target + 1e-9
+    if target == int(target):
+        assert bits["evopress"] == bits["uniform"] == bits["random"] == target
+    else:  # the start's random budget, kept exactly by the search
+        start = read_json(tmp_path / "run" / "allocation.json")["achieved"]["bits"]
+        assert target - 0.2 < bits["evopress"] == start <= target
+        assert bits["random"] <= target
