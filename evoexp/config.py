@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -67,6 +67,31 @@ class DataCfg:
     jsonl_field: str = "text"
 
 
+def _report_metrics() -> dict:
+    return {"arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "piqa": "acc",
+            "winogrande": "acc"}
+
+
+@dataclass
+class ZeroShotCfg:
+    """Zero-shot accuracy with lm-evaluation-harness on the in-memory model. Empty `tasks` = not run."""
+
+    # arc_easy | arc_challenge | hellaswag | piqa | winogrande | boolq | openbookqa | lambada_openai | mmlu (group)
+    # and mmlu's subgroups / subjects: shipped offline (evoexp/eval/tasks); others need builtin_tasks=true
+    tasks: List[str] = field(default_factory=list)
+    batch_size: int = 16  # pinned and recorded: padding makes results move slightly with it
+    limit: Optional[int] = None  # documents per task (mmlu: per subject); null = full splits
+    num_fewshot: int = 0
+    seed: Optional[int] = None  # null: the harness's defaults (python 0, numpy/torch/few-shot 1234); else all four
+    dtype: Optional[DType] = None  # null: the run's dtype
+    # metric of each task that feeds the average; tasks not listed report acc
+    report_metric: Dict[str, str] = field(default_factory=_report_metrics)
+    bootstrap_iters: int = 1000  # stderr of non-mean metrics (LAMBADA perplexity); acc stderr is closed-form
+    references: bool = False  # also evaluate a search's reference baselines (always: dense and the found model)
+    builtin_tasks: bool = False  # also index the harness's own tasks (they download their data: online only)
+    cache_dense: bool = True
+
+
 @dataclass
 class EvalCfg:
     ppl: bool = True
@@ -77,6 +102,7 @@ class EvalCfg:
     dtypes: List[DType] = field(default_factory=list)  # empty: the run's dtype
     batch_size: int = 1
     cache_dense: bool = True
+    zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
 
 
 @dataclass
@@ -155,6 +181,23 @@ class SparseGPTCfg:
 
 
 @dataclass
+class FistaCfg:
+    """FISTAPruner: per-operator LASSO against the dense target on the pruned path, solved with FISTA."""
+
+    kind: str = "fista"
+    warm_start: str = "sparsegpt"  # sparsegpt (on the pruned-path Hessian) | wanda | magnitude
+    damp: float = 0.01  # SparseGPT warm start
+    blocksize: int = 128
+    iters: int = 100  # FISTA iterations per lambda
+    tol: float = 1e-4  # stop a lambda's iterations when the objective's relative change falls below this
+    ratio: float = 0.3  # the paper's xi: share of the final error the hard threshold may add
+    bisect_steps: int = 8  # lambda trials per operator (bisection in log space)
+    lam_min: float = 1e-5  # bisection range, relative to lambda_max = max|grad f(0)|
+    lam_max: float = 0.5
+    refit_iters: int = 50  # masked least-squares steps after the threshold (0: the paper's plain threshold)
+
+
+@dataclass
 class GPTQCfg:
     kind: str = "gptq"
     damp: float = 0.01
@@ -204,7 +247,8 @@ class DatabaseCfg:
 @dataclass
 class ExportCfg:
     """What a run writes into <run dir>/model: none | hf (plain checkpoint) | compressed_tensors (packed
-    integer codes, method=quant) | auto (the method's natural format: quant -> compressed_tensors, else hf)."""
+    integer codes, method=quant) | gptq (GPTQ qweight/qzeros/scales with GPTQModel's per-layer `dynamic` bits,
+    method=quant) | auto (the method's natural format: quant -> compressed_tensors, else hf)."""
 
     kind: str = "none"
 
@@ -245,8 +289,14 @@ class EvoPressCfg:
     max_tries: int = 100
     # baselines evaluated alongside; null: the method's default (depth: shortgpt; sparse and quant: uniform)
     references: Optional[List[str]] = None
+    # settings of a reference baseline (sparse and quant), e.g. {random: {candidates: 32}}: the paper's best of 32
+    reference_settings: Any = None
     incremental: bool = True  # reuse the parent's block inputs (false: full forward per candidate)
     max_batch: int = 8  # calibration windows per forward
+    # held-out PPL of the parent every k generations (0: off), on the first track_windows windows of every
+    # eval dataset: the convergence figure's second curve (costs one short eval per tracked generation)
+    track_every: int = 0
+    track_windows: int = 4
 
 
 @dataclass
@@ -326,6 +376,7 @@ OPTION_SCHEMAS = {
     "solver/gptq": GPTQCfg,
     "solver/rtn": RTNCfg,
     "solver/wanda": WandaCfg,
+    "solver/fista": FistaCfg,
     "solver/magnitude": MagnitudeCfg,
     "search/uniform": UniformSearchCfg,
     "search/none": NoSearchCfg,

@@ -22,7 +22,7 @@ from evoexp import __version__
 from evoexp.config import RunCfg
 from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import UserError
-from evoexp.eval import evaluate_ppl
+from evoexp.eval import check_zeroshot, evaluate_ppl, evaluate_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, resolve_device
 from evoexp.tracking import Tracker
 from evoexp.utils import git_sha, read_json, versions, write_json
@@ -72,6 +72,7 @@ class Job:
         check_source(rc.data.calib, "data.calib")
         for spec in rc.eval.datasets:
             check_source(spec, "eval.datasets")
+        check_zeroshot(rc.eval.zeroshot)
         dtype = rc.dtype.value
         if rc.method.kind in ("sparse", "quant"):
             from evoexp.recipes.layerwise import LayerwiseRecipe
@@ -93,6 +94,9 @@ class Job:
             if rc.eval.ppl and rc.eval.datasets:
                 with self.timed("eval_ppl"):
                     metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
+            if rc.eval.zeroshot.tasks:
+                with self.timed("eval_zeroshot"):
+                    metrics["zeroshot"] = evaluate_zeroshot(loaded, rc.eval.zeroshot, dtype, dense=True)
         elif rc.method.kind == "drop":
             from evoexp.recipes.depth import DepthPruningRecipe
 
@@ -105,7 +109,13 @@ class Job:
             metrics["ppl"] = extra.pop("ppl")
         else:
             raise UserError(f"method: unknown kind {rc.method.kind!r}")
-        self.tracker.summary({"eval": ppl_scalars(metrics.get("ppl", {}))})
+        zeroshot = extra.pop("zeroshot", None)
+        if zeroshot:  # the found model's zero-shot figures (every model's are under "models")
+            metrics["zeroshot"] = zeroshot
+        scalars = ppl_scalars(metrics.get("ppl", {}))
+        if "zeroshot" in metrics:
+            scalars.update(zeroshot_scalars(metrics["zeroshot"]))
+        self.tracker.summary({"eval": scalars})
 
         result = {
             "status": "done",
@@ -127,7 +137,22 @@ class Job:
         }
         write_json(self.out_dir / "result.json", result)
         self.tracker.artifact(self.out_dir / "result.json", f"result-{self.rc.name}", "result")
+        self.figures(result)
         return result
+
+    def figures(self, result: dict) -> None:
+        """The paper's figures for this run; a plotting failure is reported, never costs the finished result."""
+        from evoexp.report.figures import write_figures
+
+        try:
+            paths = write_figures(result, self.out_dir)
+        except Exception:  # noqa: BLE001 - the result is already on disk; `evoexp-table --figures` redraws
+            log.warning("figures failed (result.json is written; `evoexp-table --figures %s` retries)",
+                        self.out_dir, exc_info=True)
+            return
+        for path in paths:
+            log.info("figure: %s", path)
+        self.tracker.images({f"figures/{p.stem}": p for p in paths})
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -174,6 +199,18 @@ def print_summary(result: dict) -> None:
                           for dtype, fig in entry.items() if dtype != "protocol")
         print(f"  {spec} PPL: {cells}   [{proto['windows']} windows x {proto['seq_len']} tokens, "
               f"{'BOS' if proto['bos'] else 'no BOS'}]")
+    if result["metrics"].get("zeroshot"):
+        print_zeroshot(result["metrics"]["zeroshot"])
+
+
+def print_zeroshot(zs: dict, label: str = "") -> None:
+    p = zs["protocol"]
+    limit = "full splits" if p["limit"] is None else f"limit {p['limit']}"
+    cells = " | ".join(f"{task} {metric} {zs['tasks'][task][metric]:.4f}"
+                       f"{' (cached)' if zs['tasks'][task].get('cached') else ''}"
+                       for task, metric in zs["report_metrics"].items())
+    print(f"  zero-shot{label}: {cells} | average {zs['average']:.4f}   [lm-eval {p['lm_eval']}, "
+          f"{p['num_fewshot']}-shot, {limit}, batch {p['batch_size']}, {p['dtype']}]")
 
 
 def print_models(result: dict) -> None:
@@ -184,6 +221,9 @@ def print_models(result: dict) -> None:
     kind = next((e["fitness_kind"] for e in models.values() if "fitness_kind" in e), None)
     first = next(iter(models.values()))
     heads = [f"{spec} PPL ({d})" for spec, ppl in first.get("ppl", {}).items() for d in ppl if d != "protocol"]
+    zeroshot = any("zeroshot" in e for e in models.values())
+    if zeroshot:
+        heads.append("0-shot avg")
     print(f"  {'model':<16}" + (f"  {kind + ' fitness':>10}" if kind else "") + "  " + "  ".join(heads))
     for name, entry in models.items():
         cells = [f"{name:<16}"]
@@ -191,4 +231,9 @@ def print_models(result: dict) -> None:
             cells.append(f"{entry['fitness']:>10.5f}" if "fitness" in entry else f"{'-':>10}")
         for ppl in entry.get("ppl", {}).values():
             cells += [f"{fig['ppl']:>12.3f}" for d, fig in ppl.items() if d != "protocol"]
+        if zeroshot:
+            cells.append(f"{entry['zeroshot']['average']:>10.4f}" if "zeroshot" in entry else f"{'-':>10}")
         print("  " + "  ".join(cells))
+    for name, entry in models.items():
+        if "zeroshot" in entry:
+            print_zeroshot(entry["zeroshot"], f" {name}")

@@ -56,6 +56,8 @@ class Tracker:
         # The id lives in the run dir, so a resumed or requeued job continues the same W&B run.
         id_file = self.out_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+        if os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+            run_id = os.environ["WANDB_RUN_ID"]  # a W&B sweep agent assigned this job its run
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, group=self.cfg.group,
@@ -73,6 +75,13 @@ class Tracker:
         if self.run is not None:
             for k, v in flatten(metrics).items():
                 self.run.summary[k] = v
+
+    def images(self, images: dict[str, Path]) -> None:
+        if self.run is None or not images:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path)) for key, path in images.items()})
 
     def artifact(self, path: Path, name: str, kind: str) -> None:
         if self.run is None:

@@ -13,7 +13,7 @@ from .conftest import CONF, run_cfg, run_cli
 REQUIRED = {
     "model/hf": ["model.path=/some/checkpoint"],
     "data/text_file": ["data.calib=/a.txt", "data.eval=/b.txt"],
-    **{f"solver/{s}": ["method=sparse"] for s in ("sparsegpt", "wanda", "magnitude")},
+    **{f"solver/{s}": ["method=sparse"] for s in ("sparsegpt", "wanda", "magnitude", "fista")},
     **{f"solver/{s}": ["method=quant"] for s in ("gptq", "rtn")},
 }
 GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger", "export"]
@@ -57,6 +57,9 @@ def test_all_conf_files_are_covered():
     files = {str(p.relative_to(CONF)) for p in CONF.rglob("*.yaml")}
     covered = {f"{o}.yaml" for o in group_options()} | {f"experiment/{p.name}" for p in (CONF / "experiment").glob("*.yaml")}
     covered |= {"config.yaml", "hydra/output/evoexp.yaml", "hydra/help/evoexp.yaml"}
+    # composed in tests/test_experiments.py (launcher profiles, and every sweep with every search it sweeps)
+    covered |= {"hydra/launcher/local.yaml", "hydra/launcher/slurm.yaml"}
+    covered |= {f"sweep/{p.name}" for p in (CONF / "sweep").glob("*.yaml")}
     assert files <= covered, files - covered
 
 

@@ -16,12 +16,14 @@ from evoexp.database.store import Database
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
 from evoexp.solvers import GPTQ, RTN, Magnitude, SparseGPT, Wanda
-from evoexp.solvers.capture import sequential
+from evoexp.solvers.capture import paired_sequential, sequential
+from evoexp.solvers.fista import Fista, FistaSettings, PairedGram
 from evoexp.utils import progress
 
 log = logging.getLogger(__name__)
-SOLVER_CLASSES = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude, "gptq": GPTQ, "rtn": RTN}
-SOLVERS_FOR = {"sparse": ("sparsegpt", "wanda", "magnitude"), "quant": ("gptq", "rtn")}
+SOLVER_CLASSES = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude, "gptq": GPTQ, "rtn": RTN,
+                  "fista": Fista}
+SOLVERS_FOR = {"sparse": ("sparsegpt", "wanda", "magnitude", "fista"), "quant": ("gptq", "rtn")}
 
 
 def check_solver(method_kind: str, solver_kind: str) -> None:
@@ -101,7 +103,9 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
         return {li.name: db.weight(li.name, spec.reference[li.name]) for li in lins} if propagate else {}
 
     try:
-        if SOLVER_CLASSES[solver_cfg.kind].needs_data:
+        if solver_cfg.kind == "fista":
+            _build_fista(db, adapter, windows, solver_cfg, nm, batch, bar, stats)
+        elif SOLVER_CLASSES[solver_cfg.kind].needs_data:
             if windows is None:
                 raise ValueError(f"solver {solver_cfg.kind} needs calibration windows")
             sequential(BlockRunner(adapter), windows, compress, spec.propagation, batch, spec.true_sequential,
@@ -114,3 +118,56 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
         bar.close()
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
+
+
+def fista_solver(cfg, weight: torch.Tensor, name: str, gram: PairedGram, nm=None) -> Fista:
+    settings = FistaSettings(iters=cfg.iters, tol=cfg.tol, ratio=cfg.ratio, bisect_steps=cfg.bisect_steps,
+                             lam_min=cfg.lam_min, lam_max=cfg.lam_max, refit_iters=cfg.refit_iters)
+    return Fista(weight, name, cfg.warm_start, cfg.damp, cfg.blocksize, tuple(nm) if nm else None, settings,
+                 gram=gram)
+
+
+def _build_fista(db: Database, adapter: DecoderAdapter, windows: torch.Tensor, cfg, nm, batch: int, bar,
+                 stats: dict) -> None:
+    """FISTAPruner's database: dense block inputs, and level ℓ of a layer solved on the path where the block's
+    earlier groups are at their level ℓ too (a uniform level inside the block), so every level is what a
+    uniform FISTAPruner run at that level would produce."""
+    if windows is None:
+        raise ValueError("solver fista needs calibration windows")
+    spec = db.spec
+    levels = max(len(v) for v in spec.grid.values())
+
+    def level_of(name: str, lvl: int) -> int:
+        return min(lvl, len(spec.grid[name]) - 1)
+
+    def solve_group(block: int, group: list[LinearInfo], grams: list) -> dict[int, dict[str, torch.Tensor]]:
+        out: dict[int, dict[str, torch.Tensor]] = {lvl: {} for lvl in range(levels)}
+        for li in group:
+            if li.name not in spec.grid:
+                continue
+            if not db.has(li.name):
+                W = adapter.module(li.name).weight.data
+                grid = spec.grid[li.name]
+                results, errors, infos = [], [], []
+                for lvl, s in enumerate(grid):  # each level has its own pruned path, hence its own problem
+                    solver = fista_solver(cfg, W, li.name, grams[lvl], nm)
+                    (res,) = solver.compress([s])
+                    results.append(res)
+                    errors.append(float(solver.errors([res])[0]))
+                    infos.append(solver.infos[0])
+                db.save_layer(li.name, tuple(W.shape), results,
+                              {"errors": torch.tensor(errors, dtype=torch.float64),
+                               "act_norm": grams[0].act_norm.float()})
+                lams = [t["lambda"] for i in infos for t in i["trials"] if t["loss"] == i["loss"]]
+                stats.setdefault("fista", {})[li.name] = {
+                    "gain_over_warm_start": [1 - i["loss"] / max(i["warm_loss"], 1e-30) for i in infos],
+                    "lambda": lams}
+                bar.update()
+            for lvl in range(levels):
+                out[lvl][li.name] = db.weight(li.name, level_of(li.name, lvl))
+        return out
+
+    def finished(block: int) -> bool:
+        return all(db.has(li.name) for li in adapter.linears(block) if li.name in spec.grid)
+
+    paired_sequential(BlockRunner(adapter), windows, levels, solve_group, batch, finished, PairedGram)

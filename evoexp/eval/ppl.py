@@ -96,3 +96,33 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool)
             entry[dtype] = {**figures, "cached": False}
         results[spec] = entry
     return results
+
+
+class HeldOutTracker:
+    """Held-out PPL of a search state on the first few eval windows: the convergence figure's second curve.
+
+    The windows are tokenized once; each call puts the state into the model with `apply` and returns
+    {dataset: PPL} in the run's dtype.
+    """
+
+    def __init__(self, loaded: LoadedModel, cfg: EvalCfg, dtype: str, windows: int, apply):
+        self.loaded, self.dtype, self.apply = loaded, DTYPES[dtype], apply
+        self.windows = {spec: eval_windows(load_tokens(spec, loaded.tokenizer), loaded.tokenizer, cfg.seq_len,
+                                           windows, cfg.bos)[0] for spec in cfg.datasets}
+
+    def __call__(self, state) -> dict[str, float]:
+        self.apply(state)
+        out = {}
+        with parameters_as(self.loaded.model, self.dtype):
+            for spec, w in self.windows.items():
+                nll, count = windows_nll(self.loaded, w, desc=f"track {spec}")
+                out[spec] = math.exp(nll / count)
+        log.info("held-out PPL of the parent: %s", "  ".join(f"{k} {v:.3f}" for k, v in out.items()))
+        return out
+
+
+def heldout_tracker(loaded: LoadedModel, cfg: EvalCfg, dtype: str, search, apply) -> HeldOutTracker | None:
+    """The tracker a search config asks for (search.track_every > 0 and something to evaluate), else None."""
+    if not getattr(search, "track_every", 0) or not cfg.datasets:
+        return None
+    return HeldOutTracker(loaded, cfg, dtype, search.track_windows, apply)

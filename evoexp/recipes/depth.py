@@ -10,7 +10,8 @@ from evoexp.blockrun import BlockRunner
 from evoexp.config import EvoPressCfg, RunCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.errors import UserError
-from evoexp.eval import evaluate_ppl
+from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
+from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.fitness import Teacher
 from evoexp.methods.depth import (SCORE_BASELINES, DepthSpace, brute_force, depth_space, minibatch, random_best,
                                   score_baseline)
@@ -71,7 +72,7 @@ class DepthPruningRecipe:
                 export_dropped(self.loaded.model, self.loaded.tokenizer, ds.to_config(state),
                                self.out_dir / "model")
         return {"calibration": proto.as_dict(), "search": search_info, "allocation": allocation, "models": models,
-                "ppl": models[rc.search.kind].get("ppl", {})}
+                "ppl": models[rc.search.kind].get("ppl", {}), "zeroshot": models[rc.search.kind].get("zeroshot")}
 
     # --- choosing what to drop -----------------------------------------------------------------------------------
     def search(self, ds: DepthSpace, evaluator: CandidateEvaluator, ppl_evaluator: CandidateEvaluator):
@@ -100,17 +101,21 @@ class DepthPruningRecipe:
             generations=s.generations if s.generations is not None else ds.default_generations,
             offspring=s.offspring, stages=[Stage(st.survivors, st.tokens) for st in s.stages],
             max_switches=s.max_switches, init=s.init or "random", init_candidates=s.init_candidates,
-            init_tokens=s.init_tokens, max_tries=s.max_tries)
+            init_tokens=s.init_tokens, max_tries=s.max_tries, track_every=s.track_every)
         teacher = evaluator.teacher
+        track = heldout_tracker(self.loaded, self.rc.eval, self.rc.dtype.value, s,
+                                lambda st: self.applier.apply(ds.to_config(st)))
 
         def sample(tokens, rng):
             return minibatch(teacher, tokens, rng)
 
         def on_generation(record):
             self.tracker.log({"search": {"generation": record["generation"], "fitness": record["parent_fitness"],
-                                         "evaluations": record["evaluations"], "seconds": record["seconds"]}})
+                                         "evaluations": record["evaluations"], "seconds": record["seconds"],
+                                         **({"heldout_ppl": record["heldout"]} if "heldout" in record else {})}})
 
-        engine = EvoPress(settings, ds.space, evaluator, sample, self.rc.seed, self.out_dir, on_generation)
+        engine = EvoPress(settings, ds.space, evaluator, sample, self.rc.seed, self.out_dir, on_generation,
+                          track=track)
         result = engine.run()
         return result.state, {"kind": "evopress", "fitness": result.fitness, "generations": result.generations,
                               "evaluations": evaluator.evaluations, "block_passes": evaluator.block_passes}
@@ -132,6 +137,10 @@ class DepthPruningRecipe:
             if rc.eval.ppl and rc.eval.datasets:
                 with self.timed(f"eval_ppl_{name}"):
                     entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=name == "dense")
+            if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
+                with self.timed(f"eval_zeroshot_{name}"):
+                    entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,
+                                                          dense=name == "dense")
             models[name] = entry
         return models
 

@@ -19,7 +19,8 @@ from evoexp.config import DPSearchCfg, OwlSearchCfg, RandomSearchCfg, RunCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.database import Database, DatabaseSpec, LevelApplier, build_database, check_solver
 from evoexp.errors import UserError
-from evoexp.eval import evaluate_ppl
+from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
+from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.fitness import Teacher
 from evoexp.methods.allocate import knapsack, outlier_ratios, owl_block_sparsity, owl_zeros
 from evoexp.methods.depth import minibatch
@@ -76,16 +77,18 @@ class LayerwiseRecipe:
         if bad:
             raise UserError(f"search.references: {bad[0]!r} is not a baseline of method={m.kind} "
                             f"({', '.join(BASELINES)})")
+        for name in getattr(s, "reference_settings", None) or {}:
+            reference_cfg(s, name)
         kinds = [s.kind, *(s.references or [])]
         if m.kind == "quant" and "owl" in kinds:
             raise UserError("search: owl allocates sparsity; it does not apply to method=quant")
         if getattr(m, "nm", None) and any(k != "uniform" for k in kinds):
             raise UserError(f"method.nm: {m.nm[0]}:{m.nm[1]} fixes every layer at the same sparsity; only "
                             "search=uniform applies")
-        if rc.export.kind not in ("none", "auto", "hf", "compressed_tensors"):
-            raise UserError(f"export: expected none, auto, hf or compressed_tensors, got {rc.export.kind!r}")
-        if rc.export.kind == "compressed_tensors" and m.kind != "quant":
-            raise UserError(f"export: compressed_tensors packs quantized weights; method={m.kind} exports as hf")
+        if rc.export.kind not in ("none", "auto", "hf", "compressed_tensors", "gptq"):
+            raise UserError(f"export: expected none, auto, hf, compressed_tensors or gptq, got {rc.export.kind!r}")
+        if rc.export.kind in ("compressed_tensors", "gptq") and m.kind != "quant":
+            raise UserError(f"export: {rc.export.kind} packs quantized weights; method={m.kind} exports as hf")
         if m.kind == "quant" and m.target != int(m.target) and s.kind == "uniform":
             raise UserError(f"method.target: search=uniform needs a whole bit-width, got {m.target} (fractional "
                             "targets need a search over bit-widths, e.g. search=evopress)")
@@ -128,7 +131,7 @@ class LayerwiseRecipe:
         allocations = {kind: found}
         for name in refs:
             with self.timed(f"reference_{name}"):
-                allocations[name] = self.choose(name, None)
+                allocations[name] = self.choose(name, reference_cfg(rc.search, name))
         models = self.evaluate({"dense": None, **allocations})
         self.put(None)
         allocation = self.describe(found)
@@ -143,7 +146,7 @@ class LayerwiseRecipe:
         db = found.db
         return {"database": {"key": db.key, "path": str(db.path), "reused": self.reused[db.key], **db.info()},
                 "search": found.info, "allocation": allocation, "models": models,
-                "ppl": models[kind].get("ppl", {})}
+                "ppl": models[kind].get("ppl", {}), "zeroshot": models[kind].get("zeroshot")}
 
     # --- choosing levels ----------------------------------------------------------------------------------------
     def choose(self, kind: str, cfg) -> Allocation:
@@ -192,16 +195,19 @@ class LayerwiseRecipe:
             generations=s.generations if s.generations is not None else DEFAULT_GENERATIONS[m.kind],
             offspring=s.offspring, stages=[Stage(st.survivors, st.tokens) for st in s.stages],
             max_switches=s.max_switches, init=init, init_candidates=s.init_candidates,
-            init_tokens=s.init_tokens, max_tries=s.max_tries)
+            init_tokens=s.init_tokens, max_tries=s.max_tries, track_every=s.track_every)
         evaluator = self.state_evaluator(lv, db, s.max_batch, s.incremental)
+        track = heldout_tracker(self.loaded, rc.eval, rc.dtype.value, s,
+                                lambda st: self.put_levels(db, lv.layers_of(st)))
         teacher = self.teacher
 
         def on_generation(record):
             self.tracker.log({"search": {"generation": record["generation"], "fitness": record["parent_fitness"],
-                                         "evaluations": record["evaluations"], "seconds": record["seconds"]}})
+                                         "evaluations": record["evaluations"], "seconds": record["seconds"],
+                                         **({"heldout_ppl": record["heldout"]} if "heldout" in record else {})}})
 
         engine = EvoPress(settings, lv.space, evaluator, lambda tokens, r: minibatch(teacher, tokens, r), rc.seed,
-                          self.out_dir, on_generation, start=start)
+                          self.out_dir, on_generation, start=start, track=track)
         result = engine.run()
         applier = self.appliers[db.key]
         return Allocation(db, lv.layers_of(result.state), {
@@ -413,9 +419,14 @@ class LayerwiseRecipe:
             if alloc is not None:
                 entry["achieved"] = measure(self.adapter, alloc)
                 entry["summary"] = summary(rc.method.kind, entry["achieved"], len(alloc.levels))
+                entry["per_block"] = per_block(self.layers, alloc.values())
             if rc.eval.ppl and rc.eval.datasets:
                 with self.timed(f"eval_ppl_{name}"):
                     entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=alloc is None)
+            if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
+                with self.timed(f"eval_zeroshot_{name}"):
+                    entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,
+                                                          dense=alloc is None)
             models[name] = entry
         return models
 
@@ -427,8 +438,23 @@ class LayerwiseRecipe:
         values = alloc.values()
         return {"method": m.kind, "target": m.target, "search": self.rc.search.kind, "solver": self.rc.solver.kind,
                 "database": alloc.db.key, "achieved": achieved, "levels": values,
-                "per_block": per_block(self.layers, values), "search_info": _jsonable(alloc.info),
+                "per_block": per_block(self.layers, values), "numel": {li.short: li.numel for li in self.layers},
+                "search_info": _jsonable(alloc.info),
                 "summary": summary(m.kind, achieved, len(values))}
+
+
+def reference_cfg(search, name: str):
+    """A reference baseline's settings: its defaults, updated from search.reference_settings[name] (or None)."""
+    given = dict(getattr(search, "reference_settings", None) or {}).get(name)
+    if not given:
+        return None
+    schema = {"random": RandomSearchCfg, "dp": DPSearchCfg, "owl": OwlSearchCfg}.get(name)
+    fields = set(schema.__dataclass_fields__) - {"kind", "references"} if schema else set()
+    bad = sorted(set(given) - fields)
+    if schema is None or bad:
+        raise UserError(f"search.reference_settings.{name}: unknown key(s) {bad or sorted(given)} (expected "
+                        f"{sorted(fields) if fields else 'a baseline with settings: random, dp or owl'})")
+    return schema(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in given.items()})
 
 
 def _needs_data(solver_kind: str) -> bool:

@@ -52,23 +52,27 @@ class EvoPressSettings:
     init_candidates: int = 64
     init_tokens: int = 2048
     max_tries: int = 100  # mutation attempts per wanted child before the space counts as exhausted
+    track_every: int = 0  # call `track(parent)` every k generations (and at the last); its result joins the history
 
 
 class EvoPress:
     def __init__(self, settings: EvoPressSettings, space: LevelSpace, evaluator: CandidateEvaluator,
                  sample: Sampler, seed: int, run_dir: Path | None = None,
-                 on_generation: Callable[[dict], None] | None = None, start: np.ndarray | None = None):
+                 on_generation: Callable[[dict], None] | None = None, start: np.ndarray | None = None,
+                 track: Callable[[np.ndarray], dict] | None = None):
         if not settings.stages:
             raise UserError("search.stages: at least one stage is needed")
         if settings.stages[-1].survivors < 1 or any(s.survivors < 1 for s in settings.stages):
             raise UserError("search.stages: survivors must be >= 1")
         self.s, self.space, self.evaluator, self.sample = settings, space, evaluator, sample
-        self.seed, self.on_generation, self.start = seed, on_generation, start
+        self.seed, self.on_generation, self.start, self.track = seed, on_generation, start, track
         if (settings.init == "given") != (start is not None):
             raise ValueError("EvoPress: init='given' goes with a start state, and only with it")
         self.state_file = run_dir / "search_state.json" if run_dir else None
         self.history_file = run_dir / "history.jsonl" if run_dir else None
-        self.key = stable_hash({"settings": asdict(settings), "names": space.names, "targets": space.targets,
+        # tracking does not change the search path, so turning it on keeps a run resumable
+        searched = {k: v for k, v in asdict(settings).items() if k != "track_every"}
+        self.key = stable_hash({"settings": searched, "names": space.names, "targets": space.targets,
                                 "seed": seed, **({"start": start.tolist()} if start is not None else {})})
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -97,6 +101,10 @@ class EvoPress:
                       "evaluations": sum(s["candidates"] for s in stage_log),
                       "tokens": sum(s["tokens"] * s["candidates"] for s in stage_log),
                       "seconds": round(time.time() - t0, 3), "parent": parent.tolist()}
+            if self.track is not None and self.s.track_every and (
+                    gen % self.s.track_every == 0 or gen == self.s.generations):
+                # part of the checkpointed record, so a resumed run's convergence curve has no holes
+                record["heldout"] = self.track(parent)
             history.append(record)
             self._checkpoint(rng, gen, parent, parent_fit, history, record)
             self._progress(gen, parent_fit, t_start, done_at_start)

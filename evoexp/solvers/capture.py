@@ -125,3 +125,59 @@ def _compress_block(runner: BlockRunner, hidden: list[torch.Tensor], b: int, com
                 h.remove()
         weights.update(compress(b, [li for group in stage for li in group], hessians))
     return weights, (outputs if not true_sequential else None)
+
+
+# solve_group(block, group, grams) -> {level: {name: weight}}: the group's compressed weights per level, which
+# the later groups of the block then see on their pruned path.
+SolveGroup = Callable[[int, list[LinearInfo], list], "dict[int, dict[str, torch.Tensor]]"]
+
+
+@torch.no_grad()
+def paired_sequential(runner: BlockRunner, windows: torch.Tensor, levels: int, solve_group: SolveGroup,
+                      batch: int = 8, finished: Callable[[int], bool] | None = None, gram_factory=None) -> None:
+    """FISTAPruner's calibration: every block on dense inputs, and inside a block, group by group (q/k/v, o,
+    gate/up, down), each group's input both on the dense path (X) and, per level, on the path whose earlier
+    groups are already pruned at that level (X*). Blocks are independent of each other's compression."""
+    ad = runner.adapter
+    device = next(ad.model.parameters()).device
+    hidden = [runner.embed(windows[i: i + batch].to(device)) for i in range(0, windows.shape[0], batch)]
+    for h in hidden:
+        runner.block_kwargs(h.shape[0], h.shape[1], h.device)
+    for b in range(ad.num_blocks):
+        if not (finished and finished(b)):
+            pruned: list[dict[str, torch.Tensor]] = [{} for _ in range(levels)]
+            for group in ad.input_groups(b):
+                grams = [gram_factory(group[0].in_features, hidden[0].device) for _ in range(levels)]
+                for h in hidden:
+                    dense_x = _group_input(runner, ad, group[0].name, h, b, {})
+                    for lvl in range(levels):
+                        same = not pruned[lvl]  # nothing of this block pruned yet: both paths agree
+                        x_star = None if same else _group_input(runner, ad, group[0].name, h, b, pruned[lvl])
+                        grams[lvl].add_batch(dense_x, x_star)
+                for lvl, weights in solve_group(b, group, grams).items():
+                    pruned[lvl].update(weights)
+        hidden = [runner.run(h, b, b + 1) for h in hidden]  # dense propagation
+
+
+def _group_input(runner: BlockRunner, ad: DecoderAdapter, name: str, h: torch.Tensor, b: int,
+                 weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The input of linear `name` in block b for block input h, with `weights` swapped in."""
+    seen: list[torch.Tensor] = []
+
+    def grab(_m, args):
+        seen.append(args[0])
+        raise _Captured  # the rest of the block is not needed
+
+    hook = ad.module(name).register_forward_pre_hook(grab)
+    try:
+        with replaced_weights(ad, weights):
+            runner.run(h, b, b + 1)
+    except _Captured:
+        pass
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+class _Captured(Exception):
+    pass

@@ -1,0 +1,293 @@
+"""`evoexp-table RUN_OR_SWEEP_DIRS...`: finished runs collected into the papers' table layout.
+
+Rows are methods (dense first, the search itself last), columns are targets x metrics, cells are mean ± std
+over seeds. A run that evaluated reference baselines (EvoPress runs do) contributes one row per model it
+evaluated, so one sweep over targets and seeds fills the whole table. Output as Markdown, CSV and LaTeX.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from evoexp.errors import UserError
+
+SHORT_SPEC = {"wikitext2:test": "Wiki2", "c4:validation": "C4", "fineweb_edu:eval": "FW", "c4_sample:eval": "C4s",
+              "wiki_sample:eval": "Wikis", "tinystories:eval": "TS"}
+LAST_ROWS = ("evopress",)  # the paper puts its own method last
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # column label
+    higher_is_better: bool
+    percent: bool = False
+
+
+@dataclass
+class Table:
+    model: str
+    method: str
+    rows: list[str] = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)
+    cells: dict = field(default_factory=lambda: defaultdict(list))  # (row, target, metric name) -> [values]
+    seeds: dict = field(default_factory=lambda: defaultdict(set))  # (row, target) -> seeds
+    notes: set = field(default_factory=set)
+
+    def target_label(self, t) -> str:
+        return f"{t:g} bit" if self.method == "quant" else f"{t * 100:g}%"
+
+    def stats(self, row, target, metric: Metric) -> tuple[float, float, int] | None:
+        vals = self.cells.get((row, None if row == "dense" else target, metric.name))
+        if not vals:
+            return None
+        n = len(vals)
+        mean = sum(vals) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        return mean, std, n
+
+    def best(self, target, metric: Metric):
+        rows = [r for r in self.rows if r != "dense"]
+        scored = [(s[0], r) for r in rows if (s := self.stats(r, target, metric))]
+        if len(scored) < 2:
+            return set()
+        top = (max if metric.higher_is_better else min)(v for v, _ in scored)
+        return {r for v, r in scored if v == top}
+
+
+# --- collecting ----------------------------------------------------------------------------------------------------
+def find_results(paths: list[str]) -> tuple[list[dict], int]:
+    results, unfinished = [], 0
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p}: no such file or directory")
+        files = [p] if p.is_file() else sorted(p.rglob("result.json"))
+        for f in files:
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError) as ex:
+                raise UserError(f"{f}: not a readable result.json ({ex})") from None
+            if r.get("status") != "done":
+                unfinished += 1
+                continue
+            r["run_dir"] = str(f.parent)  # where it is now, not where it was written
+            results.append(r)
+        unfinished += 0 if p.is_file() else sum(1 for d in p.rglob(".hydra") if not (d.parent / "result.json").exists())
+    return results, unfinished
+
+
+def _config_value(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _entries(result: dict) -> dict[str, dict]:
+    """Model name -> {"ppl": ..., "zeroshot": ...} for every model the run evaluated."""
+    if result.get("models"):
+        return result["models"]
+    kind = result["method"]["kind"]
+    name = "dense" if kind == "dense" else (result.get("search") or {}).get("kind") or result["config"]["search"]["kind"]
+    return {name: result.get("metrics", {})}
+
+
+def _values(entry: dict, dtype: str | None, tasks: bool) -> list[tuple[Metric, float, str]]:
+    out = []
+    for spec, per_dtype in (entry.get("ppl") or {}).items():
+        dtypes = [d for d in per_dtype if d != "protocol"]
+        d = dtype if dtype in dtypes else dtypes[0] if dtypes else None
+        if d is None:
+            continue
+        proto = per_dtype["protocol"]
+        note = f"{SHORT_SPEC.get(spec, spec)}: `{spec}` PPL, {proto['windows']} window(s) x {proto['seq_len']} tokens, {d}"
+        out.append((Metric(f"{SHORT_SPEC.get(spec, spec)} PPL", False), per_dtype[d]["ppl"], note))
+    zs = entry.get("zeroshot")
+    if zs:
+        metrics = ", ".join(f"{t} {m}" for t, m in zs["report_metrics"].items())
+        p = zs["protocol"]
+        split = "full splits" if p.get("limit") is None else f"limit {p['limit']}"
+        out.append((Metric("0-shot avg", True, True), zs["average"],
+                    f"0-shot avg: mean of {metrics} (lm-eval {p.get('lm_eval')}, {split})"))
+        if tasks:
+            for t, m in zs["report_metrics"].items():
+                out.append((Metric(f"{t} {m}", True, True), zs["tasks"][t][m], ""))
+    return out
+
+
+def collect(results: list[dict], by: list[str], dtype: str | None, tasks: bool) -> list[Table]:
+    tables: dict[tuple[str, str], Table] = {}
+    for r in results:
+        kind = r["method"]["kind"]
+        key = (r["model"]["name"], kind)
+        table = tables.get(key)
+        if table is None:
+            table = tables[key] = Table(*key)
+        target = r["method"].get("target")
+        if target is not None and target not in table.targets:
+            table.targets.append(target)
+        suffix = ", ".join(f"{k}={_config_value(r['config'], k)}" for k in by)
+        seed = r["config"].get("seed", 0)
+        for name, entry in _entries(r).items():
+            row = name if name == "dense" or not suffix else f"{name} ({suffix})"
+            if row not in table.rows:
+                table.rows.append(row)
+            t = None if row == "dense" else target
+            for metric, value, note in _values(entry, dtype, tasks):
+                if metric not in table.metrics:
+                    table.metrics.append(metric)
+                if seed in table.seeds[(row, t)]:
+                    continue  # every run re-reports dense (and shared references): one value per seed
+                table.cells[(row, t, metric.name)].append(value)
+                if note:
+                    table.notes.add(note)
+            table.seeds[(row, t)].add(seed)
+    for table in tables.values():
+        table.targets.sort()
+        last = [r for r in table.rows if r.split(" (")[0] in LAST_ROWS]
+        table.rows = (["dense"] if "dense" in table.rows else []) + \
+            [r for r in table.rows if r != "dense" and r not in last] + last
+        if not table.targets:  # dense-only results: one column block without a target
+            table.targets = [None]
+    return sorted(tables.values(), key=lambda t: (t.model, t.method))
+
+
+# --- rendering -------------------------------------------------------------------------------------------------------
+def fmt(stats, metric: Metric) -> str:
+    if stats is None:
+        return "–"
+    mean, std, n = stats
+    scale = 100.0 if metric.percent else 1.0
+    digits = 1 if metric.percent or mean * scale >= 1000 else 2
+    s = f"{mean * scale:.{digits}f}"
+    return f"{s} ± {std * scale:.{digits}f}" if n > 1 else s
+
+
+def columns(table: Table) -> list[tuple]:
+    return [(t, m) for t in table.targets for m in table.metrics]
+
+
+def title(table: Table) -> str:
+    what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization",
+            "dense": "dense"}.get(table.method, table.method)
+    return f"{table.model} — {what}"
+
+
+def seeds_note(table: Table) -> str:
+    counts = sorted({len(s) for (row, _), s in table.seeds.items()})
+    return f"mean ± sample std over {'/'.join(map(str, counts))} seed(s)" if counts else ""
+
+
+def markdown(tables: list[Table]) -> str:
+    out = []
+    for table in tables:
+        cols = columns(table)
+        head = ["method"] + [f"{table.target_label(t)} {m.name}" if t is not None else m.name for t, m in cols]
+        lines = [f"### {title(table)}", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        for row in table.rows:
+            cells = [row]
+            for t, m in cols:
+                s = fmt(table.stats(row, t, m), m)
+                cells.append(f"**{s}**" if row in table.best(t, m) else s)
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = sorted(table.notes) + [seeds_note(table) + "; bold: best non-dense row"]
+        lines += [""] + [f"- {n}" for n in notes] + [""]
+        out.append("\n".join(lines))
+    return "\n".join(out)
+
+
+def to_csv(tables: list[Table]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "method", "row", "target", "metric", "mean", "std", "n"])
+    for table in tables:
+        for row in table.rows:
+            for t, m in columns(table):
+                s = table.stats(row, t, m)
+                if s is not None:
+                    w.writerow([table.model, table.method, row, "" if t is None else t, m.name,
+                                repr(s[0]), repr(s[1]), s[2]])
+    return buf.getvalue()
+
+
+def _tex(s: str) -> str:
+    return s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def latex(tables: list[Table]) -> str:
+    out = []
+    for table in tables:
+        cols = columns(table)
+        k = len(table.metrics)
+        lines = [f"% {title(table)}; {seeds_note(table)}", r"\begin{tabular}{l" + ("|" + "c" * k) * len(table.targets)
+                 + "}", r"\toprule"]
+        if table.targets != [None]:
+            lines.append("method & " + " & ".join(rf"\multicolumn{{{k}}}{{c}}{{{_tex(table.target_label(t))}}}"
+                                                  for t in table.targets) + r" \\")
+        lines.append(" & " + " & ".join(_tex(m.name) for _, m in cols) + r" \\")
+        lines.append(r"\midrule")
+        for row in table.rows:
+            cells = []
+            for t, m in cols:
+                s = _tex(fmt(table.stats(row, t, m), m)).replace("±", r"$\pm$").replace("–", "--")
+                cells.append(rf"\textbf{{{s}}}" if row in table.best(t, m) else s)
+            lines.append(_tex(row) + " & " + " & ".join(cells) + r" \\")
+            if row == "dense":
+                lines.append(r"\midrule")
+        lines += [r"\bottomrule", r"\end{tabular}", ""]
+        out.append("\n".join(lines))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="evoexp-table", description=__doc__.splitlines()[0])
+    ap.add_argument("paths", nargs="+", help="run dirs, sweep dirs or result.json files (searched recursively)")
+    ap.add_argument("--format", choices=["md", "csv", "latex"], default="md", help="what to print (default md)")
+    ap.add_argument("--out", help="also write OUT.md, OUT.csv and OUT.tex")
+    ap.add_argument("--by", action="append", default=[], metavar="KEY",
+                    help="split rows by a config key, e.g. --by fitness.kind (repeatable)")
+    ap.add_argument("--dtype", help="which evaluated dtype feeds the PPL cells (default: the first one)")
+    ap.add_argument("--tasks", action="store_true", help="one column per zero-shot task besides the average")
+    ap.add_argument("--figures", action="store_true", help="(re)draw every run's figures into its run dir")
+    args = ap.parse_args(argv)
+    try:
+        results, unfinished = find_results(args.paths)
+        if not results:
+            raise UserError(f"no finished result.json under {' '.join(args.paths)}"
+                            + (f" ({unfinished} unfinished run(s))" if unfinished else ""))
+        tables = collect(results, args.by, args.dtype, args.tasks)
+    except UserError as ex:
+        print(f"evoexp-table: error: {ex}", file=sys.stderr)
+        return 2
+    rendered = {"md": markdown(tables), "csv": to_csv(tables), "latex": latex(tables)}
+    print(rendered[args.format])
+    if unfinished:
+        print(f"({unfinished} unfinished run(s) left out)", file=sys.stderr)
+    if args.out:
+        from evoexp.utils import atomic_path
+
+        for ext, key in (("md", "md"), ("csv", "csv"), ("tex", "latex")):
+            with atomic_path(f"{args.out}.{ext}") as tmp:
+                tmp.write_text(rendered[key])
+        print(f"wrote {args.out}.md, {args.out}.csv, {args.out}.tex", file=sys.stderr)
+    if args.figures:
+        from evoexp.report.figures import write_figures
+
+        for r in results:
+            for p in write_figures(r, Path(r["run_dir"])):
+                print(f"figure: {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
