@@ -84,7 +84,7 @@ def main() -> None:
                             V = solve(W, gram, li.name, setting, args.sparsity, nm)
                             seconds[key] += time.time() - t0
                             p = gram.problem(W)
-                            errors[key].append(p.loss(V.float()) / p.const)
+                            errors[key].append(p.relative(V.float()))
                             pruned[li.name] = V.to(W.dtype)
                     print(f"block {b} {key}: mean rel. error {sum(errors[key][-7:]) / 7:.5f}", flush=True)
             hidden = [runner.run(h, b, b + 1) for h in hidden]

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from evoexp.solvers.fista import FistaSettings, LassoProblem, fista, nm_mask, prune, soft_threshold, topk_mask
+from evoexp.solvers.fista import (FistaSettings, LassoProblem, PairedGram, fista, nm_mask, prune, soft_threshold,
+                                  topk_mask)
 
 
 def problem(d_out=24, d_in=32, n=256, drift=0.3, seed=0) -> LassoProblem:
@@ -14,19 +15,41 @@ def problem(d_out=24, d_in=32, n=256, drift=0.3, seed=0) -> LassoProblem:
     X[:3] *= 8
     Xs = X + drift * torch.randn(d_in, n, generator=g)
     W = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
-    return LassoProblem(W, Xs @ Xs.T / n, X @ Xs.T / n, float(0.5 * ((W @ X) ** 2).sum() / n))
+    return gram_of(X, Xs).problem(W)
+
+
+def gram_of(X, Xs) -> PairedGram:
+    gram = PairedGram(X.shape[0])
+    for i in range(0, X.shape[1], 100):  # in batches, as calibration arrives
+        gram.add_batch(X[:, i: i + 100].T, None if Xs is None else Xs[:, i: i + 100].T)
+    return gram
 
 
 def exact_loss(p, X, Xs, V):
     return float(0.5 * ((V @ Xs - p.W @ X) ** 2).sum() / X.shape[1])
 
 
-def test_gram_loss_equals_the_token_loss():
+@pytest.mark.parametrize("paired", [True, False])
+def test_gram_loss_equals_the_token_loss(paired):
     g = torch.Generator().manual_seed(1)
-    X, Xs = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
-    W, V = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
-    p = LassoProblem(W, Xs @ Xs.T / 64, X @ Xs.T / 64, float(0.5 * ((W @ X) ** 2).sum() / 64))
-    assert p.loss(V) == pytest.approx(exact_loss(p, X, Xs, V), rel=1e-5)
+    X = torch.randn(8, 256, generator=g)
+    Xs = X + 0.1 * torch.randn(8, 256, generator=g) if paired else None
+    W = torch.randn(4, 8, generator=g)
+    p = gram_of(X, Xs).problem(W)
+    Xs = X if Xs is None else Xs
+    for V in (torch.randn(4, 8, generator=g), W * topk_mask(W, 0.5), W + 1e-4 * torch.randn(4, 8, generator=g)):
+        assert p.loss(V) == pytest.approx(exact_loss(p, X, Xs, V), rel=1e-3, abs=1e-9)
+    assert p.scale == pytest.approx(0.5 * float(((W @ X) ** 2).sum()) / 256, rel=1e-5)
+
+
+def test_tiny_relative_errors_are_resolved():
+    """A weight change of 1e-4 against outputs of order 1: the stable form still gives the right error."""
+    g = torch.Generator().manual_seed(5)
+    X = 30 * torch.randn(16, 512, generator=g)
+    W = torch.randn(8, 16, generator=g)
+    V = W + 1e-4 * torch.randn(8, 16, generator=g)
+    p = gram_of(X, None).problem(W)
+    assert p.loss(V) == pytest.approx(exact_loss(p, X, X, V), rel=1e-2)
 
 
 @pytest.mark.parametrize("lam", [1e-3, 1e-2, 1e-1])
@@ -40,7 +63,7 @@ def test_fista_objective_never_increases(lam):
 def test_fista_on_an_orthogonal_design_gives_the_soft_threshold():
     W = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
     c = 2.5
-    p = LassoProblem(W, c * torch.eye(6), c * torch.eye(6), 0.5 * c * float((W ** 2).sum()))
+    p = LassoProblem(W, c * torch.eye(6), torch.zeros(6, 6), 0.0, 0.5 * c * float((W ** 2).sum()))
     V, _ = fista(p, torch.randn(5, 6), 0.7, iters=50)
     torch.testing.assert_close(V, soft_threshold(W, 0.7 / c), atol=1e-6, rtol=0)
 

@@ -6,8 +6,8 @@ the same block, solve
 
     min_V  ½‖V X* − W X‖²_F + λ‖V‖₁
 
-from the Gram matrices G = X* X*ᵀ / N and C = X X*ᵀ / N (so the cost does not grow with the token count):
-f(V) = ½ tr(V G Vᵀ) − tr(V C Wᵀ) + ½ tr(W H Wᵀ) with H = X Xᵀ / N, ∇f(V) = V G − W C. FISTA takes steps of
+from Gram matrices of X and X* (so the cost does not grow with the token count; see LassoProblem for the
+stable form), with ∇f(V) = V G − W C, G = X* X*ᵀ / N, C = X X*ᵀ / N. FISTA takes steps of
 1/L, L = λ_max(G), from a warm start (SparseGPT on G), and the result is hard-thresholded to exactly the target
 sparsity (or N:M: the n smallest of every m, projected inside every iteration, which is non-convex).
 
@@ -35,23 +35,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LassoProblem:
-    """½‖V X* − W X‖² / N in Gram form (fp32): G = X*X*ᵀ/N, C = X X*ᵀ/N, and ½ tr(W H Wᵀ) as a constant."""
+    """½‖V X* − W X‖² / N in a numerically stable Gram form (fp32).
+
+    With D = V − W and Δ = X* − X the objective is ½ tr(D G Dᵀ) + tr(D F Wᵀ) + e0, G = X*X*ᵀ/N, F = X*Δᵀ/N,
+    e0 = ½ tr(W ΔΔᵀ Wᵀ)/N (the pruned path's error with dense weights). Written in D, a 50%-sparse layer whose
+    error is 1e-7 of its output energy is still resolved; the textbook form (a constant minus nearly equal
+    terms) loses it to fp32 rounding."""
 
     W: torch.Tensor  # [out, in] dense weights
     G: torch.Tensor  # [in, in]
-    C: torch.Tensor  # [in, in]
-    const: float  # ½ tr(W H Wᵀ): the objective of V = 0
+    F: torch.Tensor  # [in, in]
+    e0: float
+    scale: float  # ½‖W X‖² / N: what relative errors are relative to
 
     def __post_init__(self):
-        self.WC = self.W @ self.C  # the constant part of the gradient
+        self.WG = self.W @ self.G
+        self.K = self.W @ self.F.T  # ∇f(V) = (V − W) G + K
+        self.WC = self.WG - self.K  # = W X X*ᵀ / N: the constant part of the gradient
         self.L = float(torch.linalg.eigvalsh(self.G)[-1].clamp_min(1e-12))  # Lipschitz constant of ∇f
 
     def grad(self, V: torch.Tensor) -> torch.Tensor:
         return V @ self.G - self.WC
 
-    def loss(self, V: torch.Tensor) -> float:
-        """½‖V X* − W X‖² / N, exactly (up to fp32 rounding)."""
-        return float(0.5 * (V @ self.G * V).sum() - (V * self.WC).sum()) + self.const
+    def loss(self, V: torch.Tensor, VG: torch.Tensor | None = None) -> float:
+        """½‖V X* − W X‖² / N (pass VG = V @ G when it is known)."""
+        D = V - self.W
+        DG = (VG if VG is not None else V @ self.G) - self.WG
+        return float((D * (0.5 * DG + self.K)).sum()) + self.e0
+
+    def relative(self, V: torch.Tensor) -> float:
+        return self.loss(V) / max(self.scale, 1e-30)
 
     def lam_max(self) -> float:
         return float(self.WC.abs().max())
@@ -115,7 +128,7 @@ def fista(p: LassoProblem, V0: torch.Tensor, lam: float, iters: int, tol: float 
 
 
 def _objective(p: LassoProblem, V: torch.Tensor, VG: torch.Tensor, lam: float) -> float:
-    return float(0.5 * (VG * V).sum() - (V * p.WC).sum()) + p.const + lam * float(V.abs().sum())
+    return p.loss(V, VG) + (lam * float(V.abs().sum()) if lam else 0.0)
 
 
 def refit(p: LassoProblem, V: torch.Tensor, keep: torch.Tensor, iters: int) -> torch.Tensor:
@@ -169,33 +182,38 @@ def prune(p: LassoProblem, V0: torch.Tensor, sparsity: float, s: FistaSettings,
 
 
 class PairedGram:
-    """Running means of X Xᵀ, X* X*ᵀ and X X*ᵀ over calibration tokens (X: dense input, X*: pruned-path input).
-
-    Fed the same tokens through both paths; `x_pruned=None` means the paths agree (the block's first operators,
-    whose input is the dense block input)."""
+    """Running means over calibration tokens of X Xᵀ, X* X*ᵀ, X* Δᵀ and Δ Δᵀ (X: dense input, X*: pruned-path
+    input, Δ = X* − X), fed the same tokens through both paths; `x_pruned=None` means the paths agree (the
+    block's first operators, whose input is the dense block input)."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu"):
         z = lambda: torch.zeros((columns, columns), dtype=torch.float32, device=device)  # noqa: E731
-        self.H, self.G, self.C = z(), z(), z()
+        self.H, self.G, self.F, self.E = z(), z(), z(), z()
         self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)  # Σ x_j² of the dense input
         self.sq_norm_pruned = torch.zeros(columns, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.paired = False  # some batch had a pruned path that differs from the dense one
 
     def add_batch(self, x: torch.Tensor, x_pruned: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
-        xs = x if x_pruned is None else x_pruned.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
         n = x.shape[0]
         total = self.tokens + n
         keep, alpha = self.tokens / total, 1.0 / total
         self.H.mul_(keep).addmm_(x.t(), x, alpha=alpha)
-        if x_pruned is None:
-            self.G.copy_(self.H)
-            self.C.copy_(self.H)
-        else:
-            self.G.mul_(keep).addmm_(xs.t(), xs, alpha=alpha)
-            self.C.mul_(keep).addmm_(x.t(), xs, alpha=alpha)
         self.sq_norm += x.square().sum(0)
-        self.sq_norm_pruned += xs.square().sum(0)
+        if x_pruned is None:
+            self.G.mul_(keep).addmm_(x.t(), x, alpha=alpha)
+            self.F.mul_(keep)
+            self.E.mul_(keep)
+            self.sq_norm_pruned += x.square().sum(0)
+        else:
+            xs = x_pruned.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+            delta = xs - x
+            self.G.mul_(keep).addmm_(xs.t(), xs, alpha=alpha)
+            self.F.mul_(keep).addmm_(xs.t(), delta, alpha=alpha)
+            self.E.mul_(keep).addmm_(delta.t(), delta, alpha=alpha)
+            self.sq_norm_pruned += xs.square().sum(0)
+            self.paired = True
         self.tokens = total
 
     @property
@@ -204,7 +222,8 @@ class PairedGram:
 
     def problem(self, W: torch.Tensor) -> LassoProblem:
         W = W.float().to(self.H.device)
-        return LassoProblem(W, self.G, self.C, float(0.5 * (W @ self.H * W).sum()))
+        e0 = float(0.5 * (W @ self.E * W).sum()) if self.paired else 0.0
+        return LassoProblem(W, self.G, self.F, e0, float(0.5 * (W @ self.H * W).sum()))
 
 
 class Fista:
@@ -257,5 +276,4 @@ class Fista:
     def errors(self, results: list[torch.Tensor]) -> torch.Tensor:
         """½‖V X* − W X‖² / ½‖W X‖² per level: the error against the dense target, relative to its output."""
         p = self.gram.problem(self.W)
-        return torch.tensor([p.loss(r.float().to(p.W.device)) / max(p.const, 1e-30) for r in results],
-                            dtype=torch.float64)
+        return torch.tensor([p.relative(r.float().to(p.W.device)) for r in results], dtype=torch.float64)
