@@ -146,3 +146,12 @@ def test_cli_evopress_builds_its_database_with_fista(tmp_path):
     result = read_json(tmp_path / "run" / "result.json")
     assert result["config"]["solver"]["kind"] == "fista" and result["search"]["generations"] == 2
     assert result["models"]["evopress"]["achieved"]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_fista_refuses_compressed_propagation_in_one_line(tmp_path):
+    from tests.conftest import run_cli
+
+    out = run_cli("model=tiny", "method=sparse", "search=uniform", "solver=fista", "database.propagation=compressed",
+                  "logger=none", f"hydra.run.dir={tmp_path}/run")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("evoexp: error: database.propagation: solver=fista")

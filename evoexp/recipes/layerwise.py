@@ -73,6 +73,9 @@ class LayerwiseRecipe:
         if rc.solver is None:
             raise UserError(f"solver: method={m.kind} needs a solver (solver=...)")
         check_solver(m.kind, rc.solver.kind)
+        if rc.solver.kind == "fista" and rc.database.propagation not in ("auto", "dense"):
+            raise UserError(f"database.propagation: solver=fista takes dense block inputs (its error correction "
+                            f"is inside each block); use auto or dense, not {rc.database.propagation}")
         bad = [r for r in (s.references or []) if r not in BASELINES]
         if bad:
             raise UserError(f"search.references: {bad[0]!r} is not a baseline of method={m.kind} "
@@ -366,8 +369,11 @@ class LayerwiseRecipe:
         """The database for a grid (built now unless a complete one with the same key exists)."""
         rc, method = self.rc, self.rc.method
         needs_data = _needs_data(rc.solver.kind)
-        propagation, reference = resolve_propagation(rc.database.propagation, method.kind, grid, method.target,
-                                                     rc.database.reference_level)
+        if rc.solver.kind == "fista":  # FISTAPruner's blocks always take dense inputs (see validate)
+            propagation, reference = "dense", {}
+        else:
+            propagation, reference = resolve_propagation(rc.database.propagation, method.kind, grid,
+                                                         method.target, rc.database.reference_level)
         windows, proto = self.db_calibration() if needs_data else (None, None)
         # the batch changes how activations are grouped into forwards, hence (in low precision) their values
         calib = {**proto.as_dict(), "batch": rc.database.batch} if needs_data else {"kind": "none"}
@@ -378,7 +384,8 @@ class LayerwiseRecipe:
             kind=method.kind, model={"name": self.loaded.name, "fingerprint": self.loaded.fingerprint},
             calibration=calib, solver=solver, propagation=propagation if needs_data else "none",
             reference=reference if needs_data else {}, grid=grid, dtype=(rc.database.dtype or rc.dtype).value,
-            compute_dtype=rc.dtype.value, true_sequential=rc.database.true_sequential and needs_data)
+            compute_dtype=rc.dtype.value,
+            true_sequential=(rc.database.true_sequential or rc.solver.kind == "fista") and needs_data)
         if spec.key in self.databases:
             return self.databases[spec.key]
         label = "-".join(x for x in (self.loaded.name, method.kind, rc.solver.kind, label_extra) if x)
