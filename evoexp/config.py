@@ -242,6 +242,9 @@ class DatabaseCfg:
     batch: int = 8  # windows per forward
     dtype: Optional[DType] = None  # storage dtype of values and scales; null: the run's dtype
     cache_gb: float = 4.0  # searches: decoded levels kept in memory (LRU) so revisits cost no disk read
+    # [i, n]: build only the blocks b with b % n == i, then stop (dense propagation only, where blocks are
+    # independent): n processes or devices fill one database in parallel; a run without shard then uses it
+    shard: Optional[List[int]] = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from evoexp import __version__
 from evoexp.config import RunCfg
 from evoexp.data import check_source, eval_windows, load_tokens
-from evoexp.errors import UserError
+from evoexp.errors import Stop, UserError
 from evoexp.eval import check_zeroshot, evaluate_ppl, evaluate_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, resolve_device
 from evoexp.tracking import Tracker
@@ -48,6 +48,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     with tracker:
         try:
             result = Job(rc, config, out_dir, tracker).run()
+        except Stop as stop:  # finished by design before the end (e.g. one database shard)
+            log.info("%s", stop)
+            print(f"evoexp: {stop}")
+            return None
         except BaseException:
             out_dir.mkdir(parents=True, exist_ok=True)
             failed.write_text(traceback.format_exc())

@@ -246,3 +246,29 @@ def test_level_cache_avoids_decoding_a_level_twice(tiny, windows, tmp_path):
         tight.apply({name: level})
     assert tight.loads == 3 and len(tight.cache) == 1
     tight.restore()
+
+
+def test_sharded_build_equals_one_build(tmp_path):
+    """Two shards fill one database (the last one goes on to evaluate); the result equals an unsharded build."""
+    from evoexp.utils import read_json
+    from tests.conftest import run_cli
+
+    common = ["model=tiny", "method=sparse", "search=uniform", "method.target=0.5", "database.propagation=dense",
+              "database.windows=4", "eval.windows=2", "logger=none"]
+    env = {"EVOEXP_CACHE": str(tmp_path / "shared")}
+    first = run_cli(*common, "database.shard=[0,2]", f"hydra.run.dir={tmp_path}/s0", env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "database shard 0/2 built; 28 layers of other shards still missing" in first.stdout
+    assert not (tmp_path / "s0" / "result.json").exists()
+    second = run_cli(*common, "database.shard=[1,2]", f"hydra.run.dir={tmp_path}/s1", env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+    sharded = read_json(tmp_path / "s1" / "result.json")
+    whole = run_cli(*common, f"hydra.run.dir={tmp_path}/w", env={"EVOEXP_CACHE": str(tmp_path / "own")})
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    alone = read_json(tmp_path / "w" / "result.json")
+    assert sharded["database"]["key"] == alone["database"]["key"]
+    ppl = lambda r: r["models"]["uniform"]["ppl"]["wikitext2:test"]["float32"]["ppl"]  # noqa: E731
+    assert ppl(sharded) == ppl(alone)
+    bad = run_cli(*common, "database.propagation=compressed", "database.shard=[0,2]", f"hydra.run.dir={tmp_path}/b",
+                  env=env)
+    assert bad.returncode == 2 and "database.shard: blocks can be built apart only with dense" in bad.stderr

@@ -62,10 +62,15 @@ def level_errors(W: torch.Tensor, results: list, H: torch.Tensor | None) -> torc
 
 
 def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor | None, solver_cfg,
-                   nm=None, batch: int = 8) -> dict:
-    """Compute and store every missing (layer, level); returns build statistics."""
+                   nm=None, batch: int = 8, shard: tuple[int, int] | None = None) -> dict:
+    """Compute and store every missing (layer, level); returns build statistics. With `shard=(i, n)` only the
+    layers of blocks b with b % n == i (dense propagation: the blocks do not depend on each other's results)."""
     spec, t0 = db.spec, time.time()
-    names = list(spec.grid)
+    if shard is not None and spec.propagation not in ("dense", "none"):
+        raise UserError(f"database.shard: blocks can be built apart only with dense propagation, not "
+                        f"{spec.propagation} (set database.propagation=dense)")
+    mine = {li.name for li in adapter.linears() if shard is None or li.block % shard[1] == shard[0]}
+    names = [n for n in spec.grid if n in mine]
     todo = [n for n in names if not db.has(n)]
     stats = {"layers": len(names), "built": len(todo), "reused": len(names) - len(todo), "damp": {}}
     if not todo:
@@ -97,14 +102,14 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
         return out
 
     def finished(block: int):
-        lins = [li for li in adapter.linears(block) if li.name in spec.grid]
+        lins = [li for li in adapter.linears(block) if li.name in spec.grid and li.name in mine]
         if not all(db.has(li.name) for li in lins):
             return None
         return {li.name: db.weight(li.name, spec.reference[li.name]) for li in lins} if propagate else {}
 
     try:
         if solver_cfg.kind == "fista":
-            _build_fista(db, adapter, windows, solver_cfg, nm, batch, bar, stats)
+            _build_fista(db, adapter, windows, solver_cfg, nm, batch, bar, stats, mine)
         elif SOLVER_CLASSES[solver_cfg.kind].needs_data:
             if windows is None:
                 raise ValueError(f"solver {solver_cfg.kind} needs calibration windows")
@@ -112,7 +117,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
                        finished)
         else:  # magnitude / RTN read no activations: no forwards at all
             for li in adapter.linears():
-                if li.name in spec.grid and not db.has(li.name):
+                if li.name in spec.grid and li.name in mine and not db.has(li.name):
                     solve(li, None)
     finally:
         bar.close()
@@ -128,7 +133,7 @@ def fista_solver(cfg, weight: torch.Tensor, name: str, gram: PairedGram, nm=None
 
 
 def _build_fista(db: Database, adapter: DecoderAdapter, windows: torch.Tensor, cfg, nm, batch: int, bar,
-                 stats: dict) -> None:
+                 stats: dict, mine: set[str]) -> None:
     """FISTAPruner's database: dense block inputs, and level ℓ of a layer solved on the path where the block's
     earlier groups are at their level ℓ too (a uniform level inside the block), so every level is what a
     uniform FISTAPruner run at that level would produce."""
@@ -168,6 +173,6 @@ def _build_fista(db: Database, adapter: DecoderAdapter, windows: torch.Tensor, c
         return out
 
     def finished(block: int) -> bool:
-        return all(db.has(li.name) for li in adapter.linears(block) if li.name in spec.grid)
+        return all(db.has(li.name) for li in adapter.linears(block) if li.name in spec.grid and li.name in mine)
 
     paired_sequential(BlockRunner(adapter), windows, levels, solve_group, batch, finished, PairedGram)

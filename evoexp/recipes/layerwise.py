@@ -18,7 +18,7 @@ from evoexp.blockrun import BlockRunner
 from evoexp.config import DPSearchCfg, OwlSearchCfg, RandomSearchCfg, RunCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.database import Database, DatabaseSpec, LevelApplier, build_database, check_solver
-from evoexp.errors import UserError
+from evoexp.errors import Stop, UserError
 from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
 from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.fitness import Teacher
@@ -73,6 +73,9 @@ class LayerwiseRecipe:
         if rc.solver is None:
             raise UserError(f"solver: method={m.kind} needs a solver (solver=...)")
         check_solver(m.kind, rc.solver.kind)
+        shard = rc.database.shard
+        if shard is not None and (len(shard) != 2 or not 0 <= shard[0] < shard[1]):
+            raise UserError(f"database.shard: expected [i, n] with 0 <= i < n, got {list(shard)}")
         if rc.solver.kind == "fista" and rc.database.propagation not in ("auto", "dense"):
             raise UserError(f"database.propagation: solver=fista takes dense block inputs (its error correction "
                             f"is inside each block); use auto or dense, not {rc.database.propagation}")
@@ -400,7 +403,11 @@ class LayerwiseRecipe:
             self.put(None)  # solvers compress the dense weights
             with self.timed("database" + (f"_{label_extra}" if label_extra else "")):
                 stats = build_database(db, self.adapter, windows, rc.solver, getattr(method, "nm", None),
-                                       rc.database.batch)
+                                       rc.database.batch, tuple(rc.database.shard) if rc.database.shard else None)
+            missing = sum(not db.has(n) for n in grid)
+            if missing:  # another shard's blocks are still to come; the last shard to finish goes on
+                raise Stop(f"database shard {rc.database.shard[0]}/{rc.database.shard[1]} built; {missing} "
+                           f"layers of other shards still missing in {db.path}")
             db.mark_complete({"build": stats, "disk_bytes": db.disk_bytes()})
             log.info("database built: %d layers (%d reused), %.1f MB", stats["layers"], stats["reused"],
                      db.disk_bytes() / 1e6)
