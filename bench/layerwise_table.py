@@ -19,8 +19,11 @@ from pathlib import Path
 # The CPU search configs set dtype, data and database sizes; every baseline gets the same values so that all
 # runs of one target share the database (same key) and the calibration windows.
 COMMON = ["dtype=bfloat16", "data.calib_windows=32", "data.seq_len=1024", "database.windows=64"]
+# row key -> extra overrides; the search is the key up to "+". The second EvoPress row searches a database whose
+# blocks see the previous block compressed at the target level (as one-shot SparseGPT's do), not dense outputs.
 SEARCHES = {
-    "sparse": {"evopress_sparse_cpu": [], "uniform": [], "owl": [], "dp": [], "random": []},
+    "sparse": {"evopress_sparse_cpu": [], "evopress_sparse_cpu+compressed": ["database.propagation=compressed"],
+               "uniform": [], "owl": [], "dp": [], "random": []},
     "quant": {"evopress_quant_cpu": [], "uniform": [], "dp": [], "random": []},
 }
 SPEC = "wikitext2:test"
@@ -36,7 +39,8 @@ def run_dir(out: Path, method: str, args: list[str]) -> Path | None:
     return None
 
 
-def run(method: str, target: float, search: str, extra: list[str], out: Path) -> dict | None:
+def run(method: str, target: float, key: str, extra: list[str], out: Path) -> dict | None:
+    search = key.split("+")[0]
     common = [] if search.startswith("evopress") else COMMON
     args = [f"method={method}", f"method.target={target:g}", f"search={search}", "logger=none", *common, *extra]
     where = run_dir(out, method, args)
@@ -66,7 +70,10 @@ def rows(search: str, res: dict) -> list[tuple[str, dict, float]]:
             continue
         seconds = res["search"].get("seconds", 0) if kind == main else res["timings"].get(f"reference_{kind}", 0)
         label = kind if search != "uniform" else "uniform, one-shot (compressed propagation)"
-        out.append((label if kind == main else f"{kind} (same database)", model, seconds))
+        if "+" in search:
+            label += f" ({search.split('+')[1]}-propagation database)"
+        out.append((label if kind == main else f"{kind} (same database as {search.split('_')[0]}"
+                    f"{' ' + search.split('+')[1] if '+' in search else ''})", model, seconds))
     return out
 
 
