@@ -154,6 +154,11 @@ def test_propagation_choices_change_later_blocks_only(tiny, windows, tmp_path):
     assert resolve_propagation("auto", "sparse", {"a": [0.5]}, 0.5, 3) == ("compressed", {"a": 0})
     with pytest.raises(UserError, match="reference_level"):
         resolve_propagation("reference", "quant", grid, 4, 8)
+    # equal-parameter sparse levels hold the target only up to one weight's rounding
+    levels = {"a": [0.5750024, 0.6000012, 0.625]}
+    assert resolve_propagation("compressed", "sparse", levels, 0.6, 3) == ("compressed", {"a": 1})
+    with pytest.raises(UserError, match="method.target: 0.61 is not a level"):
+        resolve_propagation("compressed", "sparse", levels, 0.61, 3)
 
 
 def test_quant_database_decodes_to_grid_values(tiny, windows, tmp_path):

@@ -68,11 +68,14 @@ def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], targ
                                                                                  "database.reference_level")
     reference = {}
     for name, levels in grid.items():
-        close = [i for i, v in enumerate(levels) if math.isclose(float(v), float(value), abs_tol=1e-9)]
-        if not close:
+        # sparse levels are whole numbers of weights, so the target level of a layer is the target up to
+        # rounding (0.6000012 for 0.6): take the nearest level within a small tolerance
+        dist = [abs(float(v) - float(value)) for v in levels]
+        best = min(range(len(levels)), key=dist.__getitem__)
+        if dist[best] > 1e-4:
             raise UserError(f"{key}: {value} is not a level of {name} (levels {levels}); propagation="
                             f"{propagation} needs it in the grid")
-        reference[name] = close[0]
+        reference[name] = best
     return propagation, reference
 
 
