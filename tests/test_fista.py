@@ -155,3 +155,17 @@ def test_fista_refuses_compressed_propagation_in_one_line(tmp_path):
                   "logger=none", f"hydra.run.dir={tmp_path}/run")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("evoexp: error: database.propagation: solver=fista")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("solver.warm_start=obs", "solver.warm_start: expected one of sparsegpt, wanda, magnitude, got 'obs'"),
+    ("solver.lam_min=0", "solver.lam_min / lam_max: expected 0 < lam_min < lam_max"),
+    ("solver.ratio=1.5", "solver.ratio: expected a share between 0 and 1, got 1.5"),
+])
+def test_bad_fista_settings_fail_in_one_line(tmp_path, override, message):
+    from tests.conftest import run_cli
+
+    out = run_cli("model=tiny", "method=sparse", "search=uniform", "solver=fista", override, "logger=none",
+                  f"hydra.run.dir={tmp_path}/run")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith(f"evoexp: error: {message}")

@@ -126,8 +126,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
 
 
 def fista_solver(cfg, weight: torch.Tensor, name: str, gram: PairedGram, nm=None) -> Fista:
-    settings = FistaSettings(iters=cfg.iters, tol=cfg.tol, ratio=cfg.ratio, bisect_steps=cfg.bisect_steps,
-                             lam_min=cfg.lam_min, lam_max=cfg.lam_max, refit_iters=cfg.refit_iters)
+    settings = FistaSettings(**{k: getattr(cfg, k) for k in FistaSettings.__dataclass_fields__})
     return Fista(weight, name, cfg.warm_start, cfg.damp, cfg.blocksize, tuple(nm) if nm else None, settings,
                  gram=gram)
 
@@ -158,7 +157,7 @@ def _build_fista(db: Database, adapter: DecoderAdapter, windows: torch.Tensor, c
                     solver = fista_solver(cfg, W, li.name, grams[lvl], nm)
                     (res,) = solver.compress([s])
                     results.append(res)
-                    errors.append(float(solver.errors([res])[0]))
+                    errors.append(solver.infos[0]["relative"])
                     infos.append(solver.infos[0])
                 db.save_layer(li.name, tuple(W.shape), results,
                               {"errors": torch.tensor(errors, dtype=torch.float64),

@@ -76,6 +76,10 @@ class LayerwiseRecipe:
         shard = rc.database.shard
         if shard is not None and (len(shard) != 2 or not 0 <= shard[0] < shard[1]):
             raise UserError(f"database.shard: expected [i, n] with 0 <= i < n, got {list(shard)}")
+        if rc.solver.kind == "fista":
+            from evoexp.solvers.fista import check_fista
+
+            check_fista(rc.solver)
         if rc.solver.kind == "fista" and rc.database.propagation not in ("auto", "dense"):
             raise UserError(f"database.propagation: solver=fista takes dense block inputs (its error correction "
                             f"is inside each block); use auto or dense, not {rc.database.propagation}")

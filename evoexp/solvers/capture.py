@@ -147,13 +147,15 @@ def paired_sequential(runner: BlockRunner, windows: torch.Tensor, levels: int, s
         if not (finished and finished(b)):
             pruned: list[dict[str, torch.Tensor]] = [{} for _ in range(levels)]
             for group in ad.input_groups(b):
-                grams = [gram_factory(group[0].in_features, hidden[0].device) for _ in range(levels)]
+                # before anything of the block is pruned both paths agree: one Gram serves every level
+                shared = not any(pruned)
+                grams = [gram_factory(group[0].in_features, hidden[0].device) for _ in range(1 if shared else levels)]
                 for h in hidden:
                     dense_x = _group_input(runner, ad, group[0].name, h, b, {})
-                    for lvl in range(levels):
-                        same = not pruned[lvl]  # nothing of this block pruned yet: both paths agree
-                        x_star = None if same else _group_input(runner, ad, group[0].name, h, b, pruned[lvl])
-                        grams[lvl].add_batch(dense_x, x_star)
+                    for lvl, gram in enumerate(grams):
+                        gram.add_batch(dense_x, None if shared else
+                                       _group_input(runner, ad, group[0].name, h, b, pruned[lvl]))
+                grams = grams * levels if shared else grams
                 for lvl, weights in solve_group(b, group, grams).items():
                     pruned[lvl].update(weights)
         hidden = [runner.run(h, b, b + 1) for h in hidden]  # dense propagation

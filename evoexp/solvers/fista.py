@@ -139,6 +139,24 @@ def refit(p: LassoProblem, V: torch.Tensor, keep: torch.Tensor, iters: int) -> t
     return V * keep
 
 
+WARM_STARTS = ("sparsegpt", "wanda", "magnitude")
+
+
+def check_fista(cfg) -> None:
+    """One-line errors for a FistaCfg, before any model is loaded."""
+    from evoexp.errors import UserError
+
+    if cfg.warm_start not in WARM_STARTS:
+        raise UserError(f"solver.warm_start: expected one of {', '.join(WARM_STARTS)}, got {cfg.warm_start!r}")
+    if not 0 < cfg.ratio < 1:
+        raise UserError(f"solver.ratio: expected a share between 0 and 1, got {cfg.ratio}")
+    if not 0 < cfg.lam_min < cfg.lam_max:
+        raise UserError(f"solver.lam_min / lam_max: expected 0 < lam_min < lam_max, got {cfg.lam_min}, {cfg.lam_max}")
+    for key in ("iters", "bisect_steps", "refit_iters"):
+        if getattr(cfg, key) < 0:
+            raise UserError(f"solver.{key}: expected >= 0, got {getattr(cfg, key)}")
+
+
 @dataclass
 class FistaSettings:
     iters: int = 100  # FISTA iterations per λ
@@ -193,6 +211,7 @@ class PairedGram:
         self.sq_norm_pruned = torch.zeros(columns, dtype=torch.float32, device=device)
         self.tokens = 0
         self.paired = False  # some batch had a pruned path that differs from the dense one
+        self._problems: dict = {}  # per weight: levels sharing these Grams share the problem (and its eigvalsh)
 
     def add_batch(self, x: torch.Tensor, x_pruned: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
@@ -215,15 +234,19 @@ class PairedGram:
             self.sq_norm_pruned += xs.square().sum(0)
             self.paired = True
         self.tokens = total
+        self._problems.clear()
 
     @property
     def act_norm(self) -> torch.Tensor:
         return self.sq_norm.sqrt()
 
     def problem(self, W: torch.Tensor) -> LassoProblem:
-        W = W.float().to(self.H.device)
-        e0 = float(0.5 * (W @ self.E * W).sum()) if self.paired else 0.0
-        return LassoProblem(W, self.G, self.F, e0, float(0.5 * (W @ self.H * W).sum()))
+        key = (W.data_ptr(), tuple(W.shape))
+        if key not in self._problems:
+            Wf = W.float().to(self.H.device)
+            e0 = float(0.5 * (Wf @ self.E * Wf).sum()) if self.paired else 0.0
+            self._problems[key] = LassoProblem(Wf, self.G, self.F, e0, float(0.5 * (Wf @ self.H * Wf).sum()))
+        return self._problems[key]
 
 
 class Fista:
@@ -261,7 +284,7 @@ class Fista:
             score = self.W.float().abs() * norm.to(self.W.device).unsqueeze(0)
             return [_prune_by_score(self.W.float(), score, s, self.nm, per_row=self.warm == "wanda")
                     for s in sparsities]
-        raise ValueError(f"solver.warm_start: expected sparsegpt, wanda or magnitude, got {self.warm!r}")
+        raise ValueError(f"warm_start: expected one of {', '.join(WARM_STARTS)}, got {self.warm!r}")
 
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
         levels = [0.0] if self.nm else sparsities
@@ -269,11 +292,7 @@ class Fista:
         out, self.infos = [], []
         for s, warm in zip(levels, self.warm_start(levels)):
             V, info = prune(p, warm.float().to(p.W.device), s, self.settings, self.nm)
+            info["relative"] = info["loss"] / max(p.scale, 1e-30)  # the database's per-level error
             self.infos.append(info)
             out.append(V.to(self.W.dtype))
         return out
-
-    def errors(self, results: list[torch.Tensor]) -> torch.Tensor:
-        """½‖V X* − W X‖² / ½‖W X‖² per level: the error against the dense target, relative to its output."""
-        p = self.gram.problem(self.W)
-        return torch.tensor([p.relative(r.float().to(p.W.device)) for r in results], dtype=torch.float64)
