@@ -76,13 +76,11 @@ class LayerwiseRecipe:
         shard = rc.database.shard
         if shard is not None and (len(shard) != 2 or not 0 <= shard[0] < shard[1]):
             raise UserError(f"database.shard: expected [i, n] with 0 <= i < n, got {list(shard)}")
-        if rc.solver.kind == "fista":
-            from evoexp.solvers.fista import check_fista
-
-            check_fista(rc.solver)
-        if rc.solver.kind == "fista" and rc.database.propagation not in ("auto", "dense"):
-            raise UserError(f"database.propagation: solver=fista takes dense block inputs (its error correction "
-                            f"is inside each block); use auto or dense, not {rc.database.propagation}")
+        solver = _solver_class(rc.solver.kind)
+        solver.check_config(rc.solver)
+        if solver.propagation and rc.database.propagation not in ("auto", solver.propagation):
+            raise UserError(f"database.propagation: solver={rc.solver.kind} fixes it to {solver.propagation}; "
+                            f"use auto or {solver.propagation}, not {rc.database.propagation}")
         bad = [r for r in (s.references or []) if r not in BASELINES]
         if bad:
             raise UserError(f"search.references: {bad[0]!r} is not a baseline of method={m.kind} "
@@ -375,9 +373,10 @@ class LayerwiseRecipe:
     def database(self, grid: dict[str, list], label_extra: str = "") -> Database:
         """The database for a grid (built now unless a complete one with the same key exists)."""
         rc, method = self.rc, self.rc.method
-        needs_data = _needs_data(rc.solver.kind)
-        if rc.solver.kind == "fista":  # FISTAPruner's blocks always take dense inputs (see validate)
-            propagation, reference = "dense", {}
+        solver_class = _solver_class(rc.solver.kind)
+        needs_data = solver_class.needs_data
+        if solver_class.propagation:  # e.g. FISTAPruner's blocks always take dense inputs (see validate)
+            propagation, reference = solver_class.propagation, {}
         else:
             propagation, reference = resolve_propagation(rc.database.propagation, method.kind, grid,
                                                          method.target, rc.database.reference_level)
@@ -392,7 +391,7 @@ class LayerwiseRecipe:
             calibration=calib, solver=solver, propagation=propagation if needs_data else "none",
             reference=reference if needs_data else {}, grid=grid, dtype=(rc.database.dtype or rc.dtype).value,
             compute_dtype=rc.dtype.value,
-            true_sequential=(rc.database.true_sequential or rc.solver.kind == "fista") and needs_data)
+            true_sequential=(rc.database.true_sequential or solver_class.true_sequential) and needs_data)
         if spec.key in self.databases:
             return self.databases[spec.key]
         label = "-".join(x for x in (self.loaded.name, method.kind, rc.solver.kind, label_extra) if x)
@@ -475,10 +474,10 @@ def reference_cfg(search, name: str):
     return schema(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in given.items()})
 
 
-def _needs_data(solver_kind: str) -> bool:
+def _solver_class(solver_kind: str):
     from evoexp.database.build import SOLVER_CLASSES
 
-    return SOLVER_CLASSES[solver_kind].needs_data
+    return SOLVER_CLASSES[solver_kind]
 
 
 def _jsonable(d: dict) -> dict:

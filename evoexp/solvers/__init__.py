@@ -19,6 +19,12 @@ __all__ = ["SparseGPT", "GPTQ", "RTN", "Wanda", "Magnitude", "QuantizedWeight", 
 
 class _Solver:
     needs_data = True  # False: the solver ignores calibration inputs (no forwards are run for it)
+    propagation: str | None = None  # set when the method fixes what the next block is calibrated on
+    true_sequential = False  # True: the method always calibrates a block group by group (q/k/v, o, ...)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """One-line UserErrors for settings the config schema cannot express, before the model loads."""
 
     def __init__(self, weight: torch.Tensor, name: str = "", device: torch.device | str | None = None,
                  hessian: HessianAccumulator | None = None):
