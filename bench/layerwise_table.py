@@ -19,11 +19,14 @@ from pathlib import Path
 # The CPU search configs set dtype, data and database sizes; every baseline gets the same values so that all
 # runs of one target share the database (same key) and the calibration windows.
 COMMON = ["dtype=bfloat16", "data.calib_windows=32", "data.seq_len=1024", "database.windows=64"]
+COMPRESSED = "database.propagation=compressed"
 # row key -> extra overrides; the search is the key up to "+". The second EvoPress row searches a database whose
-# blocks see the previous block compressed at the target level (as one-shot SparseGPT's do), not dense outputs.
+# blocks see the previous block compressed at the target level (as one-shot SparseGPT's do), not dense outputs;
+# the baselines get that database too.
 SEARCHES = {
-    "sparse": {"evopress_sparse_cpu": [], "evopress_sparse_cpu+compressed": ["database.propagation=compressed"],
-               "uniform": [], "owl": [], "dp": [], "random": []},
+    "sparse": {"evopress_sparse_cpu": [], "evopress_sparse_cpu+compressed": [COMPRESSED],
+               "uniform": [], "owl": [], "dp": [], "random": [],
+               "owl+compressed": [COMPRESSED], "dp+compressed": [COMPRESSED], "random+compressed": [COMPRESSED]},
     "quant": {"evopress_quant_cpu": [], "uniform": [], "dp": [], "random": []},
 }
 SPEC = "wikitext2:test"
@@ -72,7 +75,8 @@ def rows(search: str, res: dict) -> list[tuple[str, dict, float]]:
         label = kind if search != "uniform" else "uniform, one-shot (compressed propagation)"
         if "+" in search:
             label += f" ({search.split('+')[1]}-propagation database)"
-        out.append((label if kind == main else f"{kind} (same database as {search.split('_')[0]}"
+        base = search.split("+")[0].split("_")[0]
+        out.append((label if kind == main else f"{kind} (same database as {base}"
                     f"{' ' + search.split('+')[1] if '+' in search else ''})", model, seconds))
     return out
 
