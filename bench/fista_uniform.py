@@ -32,11 +32,11 @@ ROWS = {
 def evoexp(args: list[str], run: Path) -> dict:
     if not (run / "result.json").exists():
         env = {**os.environ, "EVOEXP_OUT": str(run.parent), "WANDB_MODE": "disabled"}
+        # stderr passes through: the database build's progress bar shows while a row runs
         proc = subprocess.run([sys.executable, "-m", "evoexp", *args, f"hydra.run.dir={run}", "logger=none",
-                               "threads=2", "dtype=float32"], env=env, stderr=subprocess.PIPE, text=True,
-                              stdout=subprocess.DEVNULL)
+                               "threads=2", "dtype=float32"], env=env, stdout=subprocess.DEVNULL)
         if proc.returncode:
-            raise SystemExit(f"evoexp {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"evoexp {' '.join(args)} failed (exit {proc.returncode}); its log: {run}/evoexp.log")
     return json.loads((run / "result.json").read_text())
 
 

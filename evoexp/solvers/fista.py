@@ -216,7 +216,9 @@ class PairedGram:
         self.sq_norm_pruned = torch.zeros(columns, dtype=torch.float32, device=device)
         self.tokens = 0
         self.paired = False  # some batch had a pruned path that differs from the dense one
-        self._problems: dict = {}  # per weight: levels sharing these Grams share the problem (and its eigvalsh)
+        # per weight: levels sharing these Grams share the problem (and its eigvalsh); the weight is held with
+        # its problem so that its storage, hence the data_ptr key, cannot be reused by another tensor meanwhile
+        self._problems: dict = {}
 
     def add_batch(self, x: torch.Tensor, x_pruned: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
@@ -246,12 +248,12 @@ class PairedGram:
         return self.sq_norm.sqrt()
 
     def problem(self, W: torch.Tensor) -> LassoProblem:
-        key = (W.data_ptr(), tuple(W.shape))
+        key = (W.data_ptr(), tuple(W.shape), W.dtype, W._version)  # _version: in-place edits invalidate
         if key not in self._problems:
             Wf = W.float().to(self.H.device)
             e0 = float(0.5 * (Wf @ self.E * Wf).sum()) if self.paired else 0.0
-            self._problems[key] = LassoProblem(Wf, self.G, self.F, e0, float(0.5 * (Wf @ self.H * Wf).sum()))
-        return self._problems[key]
+            self._problems[key] = (W, LassoProblem(Wf, self.G, self.F, e0, float(0.5 * (Wf @ self.H * Wf).sum())))
+        return self._problems[key][1]
 
 
 class Fista:
