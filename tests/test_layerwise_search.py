@@ -51,3 +51,18 @@ def test_quant_search_and_baselines_keep_the_bit_budget(tmp_path, target, rule):
         start = read_json(tmp_path / "run" / "allocation.json")["achieved"]["bits"]
         assert target - 0.2 < bits["evopress"] == start <= target
         assert bits["random"] <= target
+
+
+def test_owl_and_the_other_baselines_run_over_a_compressed_propagation_database(tmp_path):
+    result = run(tmp_path, "method=sparse", "method.target=0.6", "database.propagation=compressed",
+                 "search.references=[owl,dp,random]")
+    models = result["models"]
+    zeros = {name: m["achieved"]["zeros"] for name, m in models.items() if name != "dense"}
+    assert set(zeros) == {"evopress", "owl", "dp", "random"} and len(set(zeros.values())) == 1, zeros
+    manifests = [read_json(p) for p in (tmp_path / "cache" / "databases").glob("*/manifest.json")]
+    assert len(manifests) == 2  # the search's grid (DP and random share it) and OWL's own
+    for manifest in manifests:
+        spec = manifest["spec"]
+        assert spec["propagation"] == "compressed"
+        for name, index in spec["reference"].items():  # every block's inputs come from the target level
+            assert spec["grid"][name][index] == pytest.approx(0.6, abs=0.01)

@@ -264,7 +264,13 @@ class LayerwiseRecipe:
                 per_block = owl_block_sparsity(ratios[mi], m.target, lam)
                 zeros = owl_zeros(self.layers, dict(enumerate(per_block)), total)
                 cands.append(({"lambda": lam, "m": big_m, "block_sparsity": per_block.round(4).tolist()}, zeros))
-        grid = {li.name: sorted({z[li.name] / li.numel for _, z in cands}) for li in self.layers}
+        grid = {li.name: {z[li.name] / li.numel for _, z in cands} for li in self.layers}
+        if rc.database.propagation == "compressed":
+            # the next block's inputs come from this one pruned at the target (as in the EvoPress database that
+            # propagation builds), so the target must be a level of every layer even where no candidate uses it
+            for li in self.layers:
+                grid[li.name].add(round(m.target * li.numel) / li.numel)
+        grid = {name: sorted(levels) for name, levels in grid.items()}
         db = self.database(grid, label_extra="owl")
         allocs = [Allocation(db, {n: grid[n].index(z[n] / self.numel(n)) for n in grid}, {"kind": "owl", **info})
                   for info, z in cands]
