@@ -5,6 +5,7 @@ pipeline itself, kept linear so it reads like the experiment it performs.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -36,13 +37,18 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     rc: RunCfg = OmegaConf.to_object(cfg)
     out_dir = Path(out_dir)
     result_file = out_dir / "result.json"
+    config = OmegaConf.to_container(cfg, resolve=True)
     if rc.resume and result_file.exists():
         result = read_json(result_file)
         if result.get("status") == "done":
+            changed = config_changes(result.get("config", {}), config)
+            if changed:  # reporting it would pass off a run of other settings as this one's result
+                raise UserError(f"{result_file}: a finished run with other settings ({'; '.join(changed[:3])}"
+                                f"{'; ...' if len(changed) > 3 else ''}); resume=false recomputes it here, or "
+                                "choose another hydra.run.dir")
             log.info("already finished in %s (resume=false recomputes)", out_dir)
             print_summary(result)
             return result.get("objective")
-    config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=getattr(rc.method, "kind", None))
     failed = out_dir / "FAILED"
     with tracker:
@@ -59,6 +65,32 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     failed.unlink(missing_ok=True)
     print_summary(result)
     return result.get("objective")
+
+
+# Settings that decide where and how fast a run goes, not its numbers: a finished run is reused across them.
+RERUN_NEUTRAL = {"resume", "logger", "tags", "threads", "database.dir", "database.cache_gb", "eval.cache_dense",
+                 "eval.zeroshot.cache_dense"}
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every setting (dotted key) set in both that differs, bar the RERUN_NEUTRAL ones.
+
+    A key only one side has is no change: settings are added to evoexp with defaults that keep what earlier
+    versions did, so a run finished before a setting existed ran with its default.
+    """
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = (flat(json.loads(json.dumps(c, default=str))) for c in (old, new))  # as result.json stores them
+    neutral = tuple(f"{n}." for n in RERUN_NEUTRAL)
+    return [f"{k}={a[k]!r} there, {b[k]!r} now" for k in sorted(set(a) & set(b))
+            if k not in RERUN_NEUTRAL and not k.startswith(neutral) and a[k] != b[k]]
 
 
 class Job:

@@ -143,8 +143,14 @@ def test_cli_tiny_dense_run_writes_run_dir(tmp_path):
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "evoexp.log").exists()
     assert f"{entry['float32']['ppl']:.4f}" in proc.stdout
 
-    again = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
-    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr
+    again = run_cli(*args, "threads=1", f"hydra.run.dir='{run_dir}'", env={"EVOEXP_OUT": str(tmp_path)})
+    assert again.returncode == 0 and "already finished" in again.stdout + again.stderr  # threads: same numbers
+    # the same dir asked for other settings: the finished result is not passed off as theirs
+    other = [*args[:-2], "eval.windows=3", "logger=none", f"hydra.run.dir='{run_dir}'"]
+    assert "eval.windows=2 there, 3 now" in one_line_error(run_cli(*other, env={"EVOEXP_OUT": str(tmp_path)}))
+    redo = run_cli(*other, "resume=false", env={"EVOEXP_OUT": str(tmp_path)})
+    assert redo.returncode == 0, redo.stderr
+    assert json.loads((run_dir / "result.json").read_text())["config"]["eval"]["windows"] == 3
 
 
 def test_cli_help_and_cfg():
