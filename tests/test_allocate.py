@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evoexp.errors import UserError
-from evoexp.methods.allocate import knapsack, outlier_ratios, owl_block_sparsity, owl_zeros
+from evoexp.methods.allocate import group_knapsack, knapsack, outlier_ratios, owl_block_sparsity, owl_zeros
 from tests.test_levels import llama_like
 
 
@@ -51,6 +51,23 @@ def test_knapsack_coarsened_costs_stay_within_budget():
     assert sum(c[k] for c, k in zip(costs, picks)) <= budget
     exact = knapsack(errors, costs, budget)  # full resolution is optimal and may spend a little more
     assert sum(e[k] for e, k in zip(errors, exact)) <= sum(e[k] for e, k in zip(errors, picks)) + 1e-12
+
+
+@pytest.mark.parametrize("per_weight,exact", [(1, True), (0.5, False)])  # 3 and 2.5 bits over levels 2..6
+def test_group_knapsack_holds_each_group_and_is_optimal_within_it(per_weight, exact):
+    rng = np.random.default_rng(1)
+    groups = [np.array([0, 2, 4]), np.array([1, 3, 5, 6])]
+    errors = [np.sort(rng.random(5))[::-1] * (1.0 if i in groups[0] else 100.0) for i in range(7)]
+    weights = np.ones(7, dtype=np.int64)
+    picks = group_knapsack(errors, groups, weights, per_weight, exact)
+    for g in groups:
+        budget = int(per_weight * len(g))
+        assert picks[g].sum() == budget  # a level always lowers the error, so the whole budget is spent
+        best, _ = brute([errors[i] for i in g], [np.arange(5)] * len(g), budget, exact)
+        assert sum(errors[i][picks[i]] for i in g) == pytest.approx(best, abs=1e-12)
+    # one knapsack over all units would move levels to the group whose errors are 100x larger
+    pooled = knapsack(errors, [np.arange(5)] * 7, int(per_weight * 7), exact)
+    assert pooled[groups[1]].sum() > int(per_weight * len(groups[1]))
 
 
 @pytest.mark.parametrize("lam", [0.02, 0.08, 0.2])

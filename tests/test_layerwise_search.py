@@ -66,3 +66,26 @@ def test_owl_and_the_other_baselines_run_over_a_compressed_propagation_database(
         assert spec["propagation"] == "compressed"
         for name, index in spec["reference"].items():  # every block's inputs come from the target level
             assert spec["grid"][name][index] == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("target", [2.5])  # 3 bits: see test_allocate
+def test_quant_dp_holds_every_size_group_at_the_target(tmp_path, target):
+    args = ["model=tiny", "logger=none", "eval.windows=1", "database.windows=8", "data.calib_windows=8",
+            "fitness.report_tokens=1024", "method=quant", f"method.target={target}", "search=dp",
+            f"hydra.run.dir={tmp_path}/run"]
+    out = run_cli(*args, env={"EVOEXP_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    levels = read_json(tmp_path / "run" / "allocation.json")["levels"]
+    import torch
+    from evoexp.config import ModelCfg
+    from evoexp.models import load_model
+
+    model = load_model(ModelCfg(name="tiny", source="tiny"), torch.device("cpu"), torch.float32).model
+    sizes = {name: model.get_submodule(name).weight.numel() for name in levels}
+    groups: dict[int, list[int]] = {}
+    for name, bits in levels.items():
+        groups.setdefault(sizes[name], []).append(bits)
+    assert len(groups) > 1
+    for bits in groups.values():  # each group of equal-size layers spends at most its share, to the bit
+        assert sum(bits) == int(target * len(bits)), (target, bits)
+    assert len(set(levels.values())) > 1  # the errors moved bits between layers of a group

@@ -99,3 +99,16 @@ def knapsack(errors: list[np.ndarray], costs: list[np.ndarray], budget: int, exa
         picks[i] = k
         end -= int(costs[i][k])
     return picks
+
+
+def group_knapsack(errors: list[np.ndarray], groups: list[np.ndarray], weights: np.ndarray, per_weight: float,
+                   exact: bool, resolution: int = 200_000) -> np.ndarray:
+    """Level index per unit minimising Σ errors, each group spending at most (exactly, with `exact`)
+    floor(per_weight · Σ its units' weights) weighted level steps; errors[i][k] is unit i at level k."""
+    picks = np.zeros(len(errors), dtype=np.int64)
+    for g in groups:
+        w = [int(weights[i]) for i in g]
+        budget = math.floor(per_weight * sum(w) + 1e-9)
+        picks[g] = knapsack([errors[i] for i in g], [wi * np.arange(len(errors[i])) for wi, i in zip(w, g)],
+                            budget, exact=exact, resolution=resolution)
+    return picks

@@ -22,7 +22,7 @@ from evoexp.errors import Stop, UserError
 from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
 from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.fitness import Teacher
-from evoexp.methods.allocate import knapsack, outlier_ratios, owl_block_sparsity, owl_zeros
+from evoexp.methods.allocate import group_knapsack, knapsack, outlier_ratios, owl_block_sparsity, owl_zeros
 from evoexp.methods.depth import minibatch
 from evoexp.methods.layerwise import (LayerLevels, bits_of, default_step, fractional_start, group_sums,
                                       quant_levels, resolve_propagation, sparse_levels, uniform_grid, units)
@@ -241,11 +241,17 @@ class LayerwiseRecipe:
             costs = [np.arange(len(e)) for e in errors]
             picks = knapsack(errors, costs, int(-lv.space.lo.sum()), exact=True)
             state = picks + lv.space.lo
-        else:  # bits weighted by the number of weights: at most target bits per weight overall
+        elif m.group_rule == "none":  # bits weighted by the number of weights: at most target bits per weight
             bits = np.array(sorted(m.levels))
             costs = [n * bits for n in lv.numel.tolist()]
             budget = math.floor(m.target * int(lv.numel.sum()) + 1e-9)
             state = knapsack(errors, costs, budget, exact=False, resolution=s.resolution)
+        else:  # EvoPress's space: each switch group (equal-size units, or one projection) at the target mean
+            # bit-width, as the authors' DP does with --group_by_numel. One knapsack over all layers would buy
+            # relative error on small layers (k/v) with bits taken from large ones, which the summed relative
+            # errors cannot price; holding each group at the target keeps the comparison to EvoPress's space.
+            state = group_knapsack(errors, lv.space.groups, lv.space.weights, m.target - min(m.levels),
+                                   exact=m.target == int(m.target), resolution=s.resolution)
         total = float(sum(e[k] for e, k in zip(errors, (state - lv.offset).tolist())))
         return Allocation(db, lv.layers_of(state), {"kind": "dp", "error_sum": total})
 
