@@ -27,8 +27,11 @@ SEARCHES = {
     "sparse": {"evopress_sparse_cpu": [], "evopress_sparse_cpu+compressed": [COMPRESSED],
                "uniform": [], "owl": [], "dp": [], "random": [],
                "owl+compressed": [COMPRESSED], "dp+compressed": [COMPRESSED], "random+compressed": [COMPRESSED]},
-    "quant": {"evopress_quant_cpu": [], "uniform": [], "dp": [], "random": []},
+    "quant": {"evopress_quant_cpu": [], "uniform": [], "dp": [], "random": [],
+              "dp+global": ["method.group_rule=none"]},
 }
+VARIANTS = {"compressed": "compressed-propagation database",
+            "global": "one bit budget over all layers, group_rule=none"}
 SPEC = "wikitext2:test"
 
 
@@ -73,11 +76,12 @@ def rows(search: str, res: dict) -> list[tuple[str, dict, float]]:
             continue
         seconds = res["search"].get("seconds", 0) if kind == main else res["timings"].get(f"reference_{kind}", 0)
         label = kind if search != "uniform" else "uniform, one-shot (compressed propagation)"
-        if "+" in search:
-            label += f" ({search.split('+')[1]}-propagation database)"
+        variant = search.partition("+")[2]
+        if variant:
+            label += f" ({VARIANTS[variant]})"
         base = search.split("+")[0].split("_")[0]
         out.append((label if kind == main else f"{kind} (same database as {base}"
-                    f"{' ' + search.split('+')[1] if '+' in search else ''})", model, seconds))
+                    f"{' ' + variant if variant else ''})", model, seconds))
     return out
 
 
