@@ -8,7 +8,8 @@ compression alone: evoexp's database build (calibration forwards included) and l
 
 llm-compressor pins an older transformers, so it lives in its own virtualenv (bench/.venv-llmcompressor, created
 on first use) and runs bench/llmc_oneshot.py there.
-Usage: .venv/bin/python bench/bench_oneshot.py [--windows 32] [--eval-windows 32] [--configs ...]
+Usage: .venv/bin/python bench/bench_oneshot.py [--windows 32] [--eval-windows 32] [--configs ...] [--seeds 0 1 2]
+Each seed's rows live in OUT/seed<N>/ and are read back when the script is run again, so a killed run resumes.
 """
 from __future__ import annotations
 
@@ -42,9 +43,10 @@ def ensure_venv() -> Path:
 
 
 def evoexp(args: list[str], out: Path) -> dict:
+    """One evoexp run in `out/run`; a finished one is read back (evoexp refuses it if its settings differ)."""
     env = {**os.environ, "EVOEXP_OUT": str(out), "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "evoexp", *args, "hydra.run.dir=" + str(out / "run"),
-                           "logger=none", "resume=false", "threads=2", "dtype=float32"],
+                           "logger=none", "threads=2", "dtype=float32"],
                           env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"evoexp {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -74,52 +76,80 @@ def calibration_file(windows: int, seq_len: int, path: Path, seed: int = 0) -> t
     return model_dir, proto.as_dict()
 
 
+def one_seed(args, seed: int, out: Path, python: Path) -> list[dict]:
+    """Every config for one calibration draw; rows already in `out` are read back, not recomputed."""
+    out.mkdir(parents=True, exist_ok=True)
+    windows_file = out / "calibration.safetensors"
+    model_dir, proto = calibration_file(args.windows, args.seq_len, windows_file, seed)
+    common = ["search=uniform", f"database.windows={args.windows}", f"database.seq_len={args.seq_len}",
+              f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}", f"data.seed={seed}"]
+    rows = []
+    for name in args.configs:
+        ours = evoexp([*CONFIGS[name], *common, f"database.dir={out.parent / 'db'}"], out / f"evoexp-{name}")
+        llmc_dir = out / f"llmc-{name}"
+        done = llmc_dir / "llmc_timing.json"  # written last, after the model
+        if done.exists() and [json.loads(done.read_text())[k] for k in ("windows", "seq_len")] != [args.windows,
+                                                                                                 args.seq_len]:
+            done.unlink()  # another calibration size: not this row
+        if not done.exists():
+            subprocess.run([str(python), str(BENCH / "llmc_oneshot.py"), "--model", model_dir, "--windows",
+                            str(windows_file), "--recipe", name, "--out", str(llmc_dir), "--threads", "2"],
+                           check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+        timing = json.loads((llmc_dir / "llmc_timing.json").read_text())
+        theirs = evoexp([f"model.path={llmc_dir}", "model=hf", f"model.name=llmc-{name}", "method=dense",
+                         "search=none", f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}"],
+                        out / f"eval-llmc-{name}")
+        row = {"config": name, "seed": seed, "evoexp_ppl": ppl_of(ours), "llmc_ppl": ppl_of(theirs),
+               "evoexp_s": ours["timings"]["database"], "llmc_s": timing["oneshot_seconds"],
+               "llmc_pipeline": timing.get("pipeline"), "calibration": proto}
+        row["ppl_ratio"] = row["evoexp_ppl"] / row["llmc_ppl"]
+        row["speedup"] = row["llmc_s"] / row["evoexp_s"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "calibration"}), flush=True)
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    import statistics
+
+    m = statistics.fmean(values)
+    return f"{m:.3f}" if len(values) < 2 else f"{m:.3f} ± {statistics.stdev(values):.3f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=32)
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
-    ap.add_argument("--seed", type=int, default=0, help="which calibration windows both tools get")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration draws (both tools get each)")
     ap.add_argument("--out", default="outputs/bench/oneshot")
     args = ap.parse_args()
+    from evoexp.utils import write_json
+
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     python = ensure_venv()
-    windows_file = out / "calibration.safetensors"
-    model_dir, proto = calibration_file(args.windows, args.seq_len, windows_file, args.seed)
-    common = ["search=uniform", f"database.windows={args.windows}", f"database.seq_len={args.seq_len}",
-              f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}", f"data.seed={args.seed}"]
-    rows = []
     dense = evoexp(["method=dense", "search=none", f"eval.windows={args.eval_windows}",
                     f"eval.seq_len={args.seq_len}"], out / "dense")
-    for name in args.configs:
-        ours = evoexp([*CONFIGS[name], *common, f"database.dir={out / 'db'}"], out / f"evoexp-{name}")
-        llmc_dir = out / f"llmc-{name}"
-        subprocess.run([str(python), str(BENCH / "llmc_oneshot.py"), "--model", model_dir, "--windows",
-                        str(windows_file), "--recipe", name, "--out", str(llmc_dir), "--threads", "2"],
-                       check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-        timing = json.loads((llmc_dir / "llmc_timing.json").read_text())
-        theirs = evoexp([f"model.path={llmc_dir}", "model=hf", f"model.name=llmc-{name}", "method=dense",
-                         "search=none", f"eval.windows={args.eval_windows}", f"eval.seq_len={args.seq_len}"],
-                        out / f"eval-llmc-{name}")
-        row = {"config": name, "evoexp_ppl": ppl_of(ours), "llmc_ppl": ppl_of(theirs),
-               "evoexp_s": ours["timings"]["database"], "llmc_s": timing["oneshot_seconds"],
-               "llmc_pipeline": timing.get("pipeline")}
-        row["ppl_ratio"] = row["evoexp_ppl"] / row["llmc_ppl"]
-        row["speedup"] = row["llmc_s"] / row["evoexp_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    summary = {"calibration": proto, "eval_windows": args.eval_windows, "dense_ppl": ppl_of(dense), "rows": rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\ndense PPL {ppl_of(dense):.3f}; calibration {args.windows} x {args.seq_len} tokens; "
+    rows = [r for seed in args.seeds for r in one_seed(args, seed, out / f"seed{seed}", python)]
+    summary = {"eval_windows": args.eval_windows, "dense_ppl": ppl_of(dense), "rows": rows}
+    write_json(out / "summary.json", summary)
+    print(f"\ndense PPL {ppl_of(dense):.3f}; calibration {args.windows} x {args.seq_len} tokens per seed; "
           f"PPL on the first {args.eval_windows} wikitext-2 test windows, fp32, 2 threads\n")
-    print("| config | evoexp PPL | llm-compressor PPL | PPL ratio | evoexp time | llm-compressor time | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+    print("| config | seed | evoexp PPL | llm-compressor PPL | PPL ratio | evoexp time | llm-compressor time | "
+          "speed-up |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['evoexp_ppl']:.3f} | {r['llmc_ppl']:.3f} | {r['ppl_ratio']:.4f} | "
+        print(f"| {r['config']} | {r['seed']} | {r['evoexp_ppl']:.3f} | {r['llmc_ppl']:.3f} | {r['ppl_ratio']:.4f} | "
               f"{r['evoexp_s']:.0f} s | {r['llmc_s']:.0f} s | {r['speedup']:.2f}x |")
+    if len(args.seeds) > 1:
+        print(f"\nOver seeds {args.seeds} (mean ± std):\n\n| config | evoexp PPL | llm-compressor PPL | "
+              "ratio of means | evoexp better in |\n|---|---|---|---|---|")
+        for name in args.configs:
+            mine = [r for r in rows if r["config"] == name]
+            ev, ll = [r["evoexp_ppl"] for r in mine], [r["llmc_ppl"] for r in mine]
+            wins = sum(a <= b for a, b in zip(ev, ll))
+            print(f"| {name} | {mean_std(ev)} | {mean_std(ll)} | {sum(ev) / sum(ll):.4f} | "
+                  f"{wins} of {len(mine)} seeds |")
 
 
 if __name__ == "__main__":
