@@ -28,10 +28,10 @@ SEARCHES = {
                "uniform": [], "owl": [], "dp": [], "random": [],
                "owl+compressed": [COMPRESSED], "dp+compressed": [COMPRESSED], "random+compressed": [COMPRESSED]},
     "quant": {"evopress_quant_cpu": [], "uniform": [], "dp": [], "random": [],
-              "dp+global": ["method.group_rule=none"]},
+              "dp+groups": ["search.budget=groups"]},
 }
 VARIANTS = {"compressed": "compressed-propagation database",
-            "global": "one bit budget over all layers, group_rule=none"}
+            "groups": "each size group of layers at the target, search.budget=groups"}
 SPEC = "wikitext2:test"
 
 

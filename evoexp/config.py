@@ -327,6 +327,9 @@ class DPSearchCfg:
 
     kind: str = "dp"
     resolution: int = 200_000  # most budget steps the knapsack table may have (costs are coarsened above)
+    # bit-widths: pooled = one budget over all layers, bit costs weighted by layer size; groups = each switch group
+    # of the search (method.group_rule) at the target mean, as the authors' DP with --group_by_numel
+    budget: str = "pooled"
     references: Optional[List[str]] = None  # null: uniform
 
 

@@ -226,6 +226,9 @@ def test_uniform_cli_runs_every_solver_and_reuses_its_database(tmp_path):
     (["method=sparse", "method.nm=[2,4]", "search=dp"], "only search=uniform applies"),
     (["method=sparse", "search=evopress", "search.references=[shortgpt]"], "search.references: 'shortgpt'"),
     (["method=sparse", "database.propagation=sideways"], "database.propagation"),
+    (["method=quant", "method.target=3", "search=dp", "search.budget=some"], "search.budget: expected pooled"),
+    (["method=quant", "method.target=3", "search=evopress", "search.references=[dp]",
+      "+search.reference_settings={dp:{budget:x}}"], "search.reference_settings.dp.budget: expected pooled"),
 ])
 def test_layerwise_config_mistakes_are_one_line_errors(tmp_path, args, message):
     extra = [] if any(a.startswith("search=") for a in args) else ["search=uniform"]

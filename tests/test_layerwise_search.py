@@ -72,6 +72,7 @@ def test_owl_and_the_other_baselines_run_over_a_compressed_propagation_database(
 def test_quant_dp_holds_every_size_group_at_the_target(tmp_path, target):
     args = ["model=tiny", "logger=none", "eval.windows=1", "database.windows=8", "data.calib_windows=8",
             "fitness.report_tokens=1024", "method=quant", f"method.target={target}", "search=dp",
+            "search.budget=groups",
             f"hydra.run.dir={tmp_path}/run"]
     out = run_cli(*args, env={"EVOEXP_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-3000:]

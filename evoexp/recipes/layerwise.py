@@ -88,6 +88,10 @@ class LayerwiseRecipe:
         for name in getattr(s, "reference_settings", None) or {}:
             reference_cfg(s, name)
         kinds = [s.kind, *(s.references or [])]
+        dp = [s] if s.kind == "dp" else [reference_cfg(s, "dp") or DPSearchCfg()] if "dp" in kinds else []
+        if dp and dp[0].budget not in ("pooled", "groups"):
+            key = "search.budget" if s.kind == "dp" else "search.reference_settings.dp.budget"
+            raise UserError(f"{key}: expected pooled or groups, got {dp[0].budget!r}")
         if m.kind == "quant" and "owl" in kinds:
             raise UserError("search: owl allocates sparsity; it does not apply to method=quant")
         if getattr(m, "nm", None) and any(k != "uniform" for k in kinds):
@@ -241,17 +245,14 @@ class LayerwiseRecipe:
             costs = [np.arange(len(e)) for e in errors]
             picks = knapsack(errors, costs, int(-lv.space.lo.sum()), exact=True)
             state = picks + lv.space.lo
-        elif m.group_rule == "none":  # bits weighted by the number of weights: at most target bits per weight
+        elif s.budget == "groups":  # each switch group of the search's space at the target mean bit-width
+            state = group_knapsack(errors, lv.space.groups, lv.space.weights, m.target - min(m.levels),
+                                   exact=m.target == int(m.target), resolution=s.resolution)
+        else:  # bits weighted by the number of weights: at most target bits per weight overall
             bits = np.array(sorted(m.levels))
             costs = [n * bits for n in lv.numel.tolist()]
             budget = math.floor(m.target * int(lv.numel.sum()) + 1e-9)
             state = knapsack(errors, costs, budget, exact=False, resolution=s.resolution)
-        else:  # EvoPress's space: each switch group (equal-size units, or one projection) at the target mean
-            # bit-width, as the authors' DP does with --group_by_numel. One knapsack over all layers would buy
-            # relative error on small layers (k/v) with bits taken from large ones, which the summed relative
-            # errors cannot price; holding each group at the target keeps the comparison to EvoPress's space.
-            state = group_knapsack(errors, lv.space.groups, lv.space.weights, m.target - min(m.levels),
-                                   exact=m.target == int(m.target), resolution=s.resolution)
         total = float(sum(e[k] for e, k in zip(errors, (state - lv.offset).tolist())))
         return Allocation(db, lv.layers_of(state), {"kind": "dp", "error_sum": total})
 
