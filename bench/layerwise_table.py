@@ -5,7 +5,8 @@ all with the same database (64 x 1,024 calibration tokens), search calibration d
 and KL fitness, so every row differs only in how the levels were chosen. Run dirs are deterministic: a re-run
 skips finished jobs, so the table can be filled over several sessions. Prints one Markdown table per target
 from the run dirs' result.json files.
-Usage: .venv/bin/python bench/layerwise_table.py [--sparse 0.5 0.6 0.7] [--quant 3 2.5 2.25] [--out outputs/bench]
+Usage: .venv/bin/python bench/layerwise_table.py [--sparse 0.5 0.6 0.7] [--quant 3 2.5 2.25] [--rows KEY ...]
+       [--out outputs/bench]    (--rows: a subset of the row keys below, e.g. only the compressed-propagation ones)
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def rows(search: str, res: dict) -> list[tuple[str, dict, float]]:
 
 
 def table(method: str, target: float, results: dict[str, dict]) -> str:
-    evo = next(r for s, r in results.items() if s.startswith("evopress"))
+    evo = next((r for s, r in results.items() if s.startswith("evopress")), next(iter(results.values())))
     unit = "sparsity" if method == "sparse" else "bits"
     lines = [f"| {method} {target:g} ({unit}) | wikitext-2 PPL | KL fitness | achieved | choosing levels (s) | "
              "whole run (s) |", "|---|---|---|---|---|---|",
@@ -108,11 +109,14 @@ def main():
     ap.add_argument("--sparse", type=float, nargs="*", default=[0.6, 0.5, 0.7])
     ap.add_argument("--quant", type=float, nargs="*", default=[3, 2.5, 2.25])
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--rows", nargs="+", choices=sorted({k for rows in SEARCHES.values() for k in rows}),
+                    help="run (and print) only these row keys; default: all of the method's rows")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     for method, targets in (("sparse", args.sparse), ("quant", args.quant)):
         for target in targets:
-            results = {s: run(method, target, s, extra, out) for s, extra in SEARCHES[method].items()}
+            results = {s: run(method, target, s, extra, out) for s, extra in SEARCHES[method].items()
+                       if args.rows is None or s in args.rows}
             print(table(method, target, {s: r for s, r in results.items() if r is not None}), "\n", flush=True)
 
 
