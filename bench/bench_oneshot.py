@@ -9,6 +9,7 @@ compression alone: evoexp's database build (calibration forwards included) and l
 llm-compressor pins an older transformers, so it lives in its own virtualenv (bench/.venv-llmcompressor, created
 on first use) and runs bench/llmc_oneshot.py there.
 Usage: .venv/bin/python bench/bench_oneshot.py [--windows 32] [--eval-windows 32] [--configs ...] [--seeds 0 1 2]
+       [--threads 2]
 Each seed's rows live in OUT/seed<N>/ and are read back when the script is run again, so a killed run resumes.
 """
 from __future__ import annotations
@@ -42,11 +43,14 @@ def ensure_venv() -> Path:
     return python
 
 
+THREADS = 2  # both tools get the same number; --threads sets it
+
+
 def evoexp(args: list[str], out: Path) -> dict:
     """One evoexp run in `out/run`; a finished one is read back (evoexp refuses it if its settings differ)."""
     env = {**os.environ, "EVOEXP_OUT": str(out), "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "evoexp", *args, "hydra.run.dir=" + str(out / "run"),
-                           "logger=none", "threads=2", "dtype=float32"],
+                           "logger=none", f"threads={THREADS}", "dtype=float32"],
                           env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"evoexp {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -93,7 +97,7 @@ def one_seed(args, seed: int, out: Path, python: Path) -> list[dict]:
             done.unlink()  # another calibration size: not this row
         if not done.exists():
             subprocess.run([str(python), str(BENCH / "llmc_oneshot.py"), "--model", model_dir, "--windows",
-                            str(windows_file), "--recipe", name, "--out", str(llmc_dir), "--threads", "2"],
+                            str(windows_file), "--recipe", name, "--out", str(llmc_dir), "--threads", str(THREADS)],
                            check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
         timing = json.loads((llmc_dir / "llmc_timing.json").read_text())
         theirs = evoexp([f"model.path={llmc_dir}", "model=hf", f"model.name=llmc-{name}", "method=dense",
@@ -124,7 +128,10 @@ def main():
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="calibration draws (both tools get each)")
     ap.add_argument("--out", default="outputs/bench/oneshot")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of both tools (1: two benches at once)")
     args = ap.parse_args()
+    global THREADS
+    THREADS = args.threads
     from evoexp.utils import write_json
 
     out = Path(args.out).resolve()
@@ -135,7 +142,7 @@ def main():
     summary = {"eval_windows": args.eval_windows, "dense_ppl": ppl_of(dense), "rows": rows}
     write_json(out / "summary.json", summary)
     print(f"\ndense PPL {ppl_of(dense):.3f}; calibration {args.windows} x {args.seq_len} tokens per seed; "
-          f"PPL on the first {args.eval_windows} wikitext-2 test windows, fp32, 2 threads\n")
+          f"PPL on the first {args.eval_windows} wikitext-2 test windows, fp32, {THREADS} threads\n")
     print("| config | seed | evoexp PPL | llm-compressor PPL | PPL ratio | evoexp time | llm-compressor time | "
           "speed-up |\n|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,12 +1,12 @@
 """Per-layer sparsity and bit-widths on the embedded model: EvoPress (CPU schedules) against every baseline.
 
 For each target, `evoexp` runs once per search (EvoPress, then uniform / OWL / DP / random as their own runs),
-all with the same database (64 x 1,024 calibration tokens), search calibration data (32 x 1,024), bf16 forwards
-and KL fitness, so every row differs only in how the levels were chosen. Run dirs are deterministic: a re-run
+all with the same database (64 x 1,024 calibration tokens), search calibration data (32 x 1,024), dtype=auto
+forwards (bf16 where the CPU has native bf16, else fp32) and KL fitness, so every row differs only in how the levels were chosen. Run dirs are deterministic: a re-run
 skips finished jobs, so the table can be filled over several sessions. Prints one Markdown table per target
 from the run dirs' result.json files.
 Usage: .venv/bin/python bench/layerwise_table.py [--sparse 0.5 0.6 0.7] [--quant 3 2.5 2.25] [--rows KEY ...]
-       [--out outputs/bench]    (--rows: a subset of the row keys below, e.g. only the compressed-propagation ones)
+       [--out outputs/bench] [--threads N]    (--rows: a subset of the row keys below, e.g. only the compressed-propagation ones)
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 # The CPU search configs set dtype, data and database sizes; every baseline gets the same values so that all
 # runs of one target share the database (same key) and the calibration windows.
-COMMON = ["dtype=bfloat16", "data.calib_windows=32", "data.seq_len=1024", "database.windows=64"]
+COMMON = ["dtype=auto", "data.calib_windows=32", "data.seq_len=1024", "database.windows=64"]
 COMPRESSED = "database.propagation=compressed"
 # row key -> extra overrides; the search is the key up to "+". The second EvoPress row searches a database whose
 # blocks see the previous block compressed at the target level (as one-shot SparseGPT's do), not dense outputs;
@@ -41,12 +41,13 @@ def run_dir(out: Path, method: str, args: list[str]) -> Path | None:
     import yaml
 
     for where in (out / "runs" / f"{method}-smollm2_135m").glob("*/.hydra/overrides.yaml"):
-        if sorted(yaml.safe_load(where.read_text())) == sorted(args):
+        given = [o for o in yaml.safe_load(where.read_text()) if not o.startswith("threads=")]
+        if sorted(given) == sorted(args):
             return where.parent.parent
     return None
 
 
-def run(method: str, target: float, key: str, extra: list[str], out: Path) -> dict | None:
+def run(method: str, target: float, key: str, extra: list[str], out: Path, threads: int | None) -> dict | None:
     search = key.split("+")[0]
     common = [] if search.startswith("evopress") else COMMON
     args = [f"method={method}", f"method.target={target:g}", f"search={search}", "logger=none", *common, *extra]
@@ -54,7 +55,8 @@ def run(method: str, target: float, key: str, extra: list[str], out: Path) -> di
     if where is None or not (where / "result.json").exists():  # evoexp itself skips finished runs
         print("evoexp", " ".join(args), flush=True)
         env = {**os.environ, "EVOEXP_OUT": str(out)}
-        proc = subprocess.run([sys.executable, "-m", "evoexp", *args], env=env, stdout=subprocess.DEVNULL,
+        speed = [] if threads is None else [f"threads={threads}"]  # not part of the run's identity
+        proc = subprocess.run([sys.executable, "-m", "evoexp", *args, *speed], env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
         if proc.returncode:  # e.g. uniform at a fractional bit target: no such row
             print(f"  skipped: {proc.stderr.strip().splitlines()[-1]}", flush=True)
@@ -100,7 +102,8 @@ def table(method: str, target: float, results: dict[str, dict]) -> str:
                          f"{achieved:.4f} | {seconds:.0f} | {sum(res['timings'].values()):.0f} |")
     proto = evo["models"]["dense"]["ppl"][SPEC]["protocol"]
     lines.append(f"\nPPL: first {proto['windows']} windows x {proto['seq_len']} tokens of the wikitext-2 test "
-                 "split, no BOS, bf16. Fitness: KL to the dense model on held-out calibration tokens.")
+                 f"split, no BOS, {evo['config']['dtype']}. Fitness: KL to the dense model on held-out calibration "
+                 "tokens.")
     return "\n".join(lines)
 
 
@@ -111,11 +114,12 @@ def main():
     ap.add_argument("--out", default="outputs/bench")
     ap.add_argument("--rows", nargs="+", choices=sorted({k for rows in SEARCHES.values() for k in rows}),
                     help="run (and print) only these row keys; default: all of the method's rows")
+    ap.add_argument("--threads", type=int, help="torch threads per run (default: evoexp's)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     for method, targets in (("sparse", args.sparse), ("quant", args.quant)):
         for target in targets:
-            results = {s: run(method, target, s, extra, out) for s, extra in SEARCHES[method].items()
+            results = {s: run(method, target, s, extra, out, args.threads) for s, extra in SEARCHES[method].items()
                        if args.rows is None or s in args.rows}
             print(table(method, target, {s: r for s, r in results.items() if r is not None}), "\n", flush=True)
 

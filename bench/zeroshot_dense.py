@@ -7,7 +7,7 @@ dtype, batch size and seeds; they differ only in how the model reaches the harne
 `HFLM(pretrained=<the converted checkpoint dir>)`, as a user of the harness's CLI would load it. Every task's
 result is written when it finishes, so a killed run resumes with the next unfinished task. Prints a Markdown table
 of acc / acc_norm per task, both sides, and each side's wall time.
-Usage: .venv/bin/python bench/zeroshot_dense.py [--tasks arc_easy ...] [--dtype bfloat16] [--limit N]
+Usage: .venv/bin/python bench/zeroshot_dense.py [--tasks arc_easy ...] [--dtype bfloat16] [--limit N] [--threads 2]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def memory_side(task: str, args, out: Path) -> dict:
         overrides = ["method=dense", "search=none", "eval=zeroshot", f"eval.zeroshot.tasks=[{task}]",
                      "eval.zeroshot.cache_dense=false", f"eval.zeroshot.batch_size={args.batch_size}",
                      f"eval.zeroshot.limit={'null' if args.limit is None else args.limit}", f"dtype={args.dtype}",
-                     "threads=2", "logger=none", f"hydra.run.dir={run}"]
+                     f"threads={args.threads}", "logger=none", f"hydra.run.dir={run}"]
         env = {**os.environ, "EVOEXP_OUT": str(out / "memory"), "WANDB_MODE": "disabled"}
         proc = subprocess.run([sys.executable, "-m", "evoexp", *overrides], env=env, stdout=subprocess.DEVNULL)
         if proc.returncode:
@@ -41,7 +41,7 @@ def memory_side(task: str, args, out: Path) -> dict:
 def disk_side(task: str, args, out: Path) -> dict:
     done = out / "disk" / f"{task}.json"
     if not done.exists():  # a fresh process, as the memory side gets
-        cmd = [sys.executable, __file__, "--disk-task", task, "--dtype", args.dtype,
+        cmd = [sys.executable, __file__, "--disk-task", task, "--dtype", args.dtype, "--threads", str(args.threads),
                "--batch-size", str(args.batch_size), "--out", str(out)]
         if args.limit is not None:
             cmd += ["--limit", str(args.limit)]
@@ -63,7 +63,7 @@ def run_from_disk(task: str, args, out: Path) -> None:
     from evoexp.models.loading import _embedded_checkpoint
     from evoexp.utils import write_json
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / "smollm2_135m.yaml").read_text())
     path, fingerprint, _ = _embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
     data_dir()
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: the full splits)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
     ap.add_argument("--out", default=None, help="default outputs/bench/zeroshot_dense[_limitN]")
     ap.add_argument("--disk-task", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -105,7 +106,7 @@ def main():
                   f"{mem[metric + '_stderr']:.4f} | {disk[metric]:.4f} ± {disk[metric + '_stderr']:.4f} | "
                   f"{'yes' if same else 'NO'} | {mem['seconds']:.0f} s | {disk['seconds']:.0f} s |", flush=True)
     print(f"\nTotal harness time: in memory {totals[0]:.0f} s, from disk {totals[1]:.0f} s ({args.dtype}, batch "
-          f"{args.batch_size}, 2 threads; model loading excluded).")
+          f"{args.batch_size}, {args.threads} threads; model loading excluded).")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ class DType(Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
     float16 = "float16"
+    # the device's fast forward dtype: bfloat16 where matmuls run natively in it (a CUDA device with bf16, a CPU
+    # with AVX-512 BF16 or AMX), float32 elsewhere (an AVX2 CPU emulates bf16 several times slower than fp32);
+    # resolved before the run starts, so the run dir records what ran
+    auto = "auto"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from evoexp.config import RunCfg
 from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import Stop, UserError
 from evoexp.eval import check_zeroshot, evaluate_ppl, evaluate_zeroshot, zeroshot_scalars
-from evoexp.models import load_model, resolve_device
+from evoexp.models import load_model, native_bf16, resolve_device, resolve_dtype
 from evoexp.tracking import Tracker
 from evoexp.utils import git_sha, read_json, versions, write_json
 
@@ -34,10 +34,11 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     """Run one job in `out_dir`. A finished job is reported, not recomputed, unless resume=false."""
+    resolve_auto_dtypes(cfg)
     rc: RunCfg = OmegaConf.to_object(cfg)
     out_dir = Path(out_dir)
     result_file = out_dir / "result.json"
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # "float32", not "DType.float32"
     if rc.resume and result_file.exists():
         result = read_json(result_file)
         if result.get("status") == "done":
@@ -67,6 +68,19 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     return result.get("objective")
 
 
+def resolve_auto_dtypes(cfg: DictConfig) -> None:
+    """Every `auto` dtype (dtype, eval.dtypes, database.dtype, eval.zeroshot.dtype) becomes the device's fast
+    forward dtype before anything is stored: the run dir records what ran, and a finished run is only reused
+    on a machine where `auto` means the same."""
+    name = lambda v: getattr(v, "value", v)  # noqa: E731 - enum nodes give their members
+    device = resolve_device(name(cfg.device))
+    fix = lambda v: v if v is None else resolve_dtype(name(v), device)  # noqa: E731
+    cfg.dtype = fix(cfg.dtype)
+    cfg.eval.dtypes = [fix(d) for d in cfg.eval.dtypes]
+    cfg.database.dtype = fix(cfg.database.dtype)
+    cfg.eval.zeroshot.dtype = fix(cfg.eval.zeroshot.dtype)
+
+
 # Settings that decide where and how fast a run goes, not its numbers: a finished run is reused across them.
 RERUN_NEUTRAL = {"resume", "logger", "tags", "threads", "database.dir", "database.cache_gb", "eval.cache_dense",
                  "eval.zeroshot.cache_dense"}
@@ -87,7 +101,10 @@ def config_changes(old: dict, new: dict) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = (flat(json.loads(json.dumps(c, default=str))) for c in (old, new))  # as result.json stores them
+    def plain(v):  # run dirs written before enums were stored by name hold "DType.float32"
+        return v.split(".", 1)[1] if isinstance(v, str) and v.startswith(("DType.", "Device.")) else v
+
+    a, b = ({k: plain(v) for k, v in flat(json.loads(json.dumps(c, default=str))).items()} for c in (old, new))
     neutral = tuple(f"{n}." for n in RERUN_NEUTRAL)
     return [f"{k}={a[k]!r} there, {b[k]!r} now" for k in sorted(set(a) & set(b))
             if k not in RERUN_NEUTRAL and not k.startswith(neutral) and a[k] != b[k]]
@@ -110,6 +127,9 @@ class Job:
             check_source(spec, "eval.datasets")
         check_zeroshot(rc.eval.zeroshot)
         dtype = rc.dtype.value
+        if dtype == "bfloat16" and device.type == "cpu" and not native_bf16(device):
+            log.warning("dtype=bfloat16 on a CPU without native bf16 matmuls (no AVX-512 BF16 / AMX): forwards "
+                        "run several times slower than float32 here; dtype=auto picks float32")
         if rc.method.kind in ("sparse", "quant"):
             from evoexp.recipes.layerwise import LayerwiseRecipe
 

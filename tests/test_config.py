@@ -70,7 +70,7 @@ def test_defaults(compose):
     assert run.eval.datasets == ["wikitext2:test"] and run.eval.seq_len == 2048 and run.eval.bos is False
     assert run.method.kind == "drop" and run.method.target == 0.25 and run.method.unit == "sub_block"
     assert run.search.kind == "evopress" and run.search.offspring == 16 and run.search.generations == 60
-    assert run.dtype.value == "bfloat16" and run.data.seq_len == 1024 and run.data.calib_windows == 32
+    assert run.dtype.value == "auto" and run.data.seq_len == 1024 and run.data.calib_windows == 32
     assert run.logger.kind == "wandb"
 
 
@@ -151,6 +151,46 @@ def test_cli_tiny_dense_run_writes_run_dir(tmp_path):
     redo = run_cli(*other, "resume=false", env={"EVOEXP_OUT": str(tmp_path)})
     assert redo.returncode == 0, redo.stderr
     assert json.loads((run_dir / "result.json").read_text())["config"]["eval"]["windows"] == 3
+
+
+@pytest.mark.parametrize("flags, fast", [({"fma", "avx2"}, "float32"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                                         ({"amx_bf16", "amx_tile"}, "bfloat16"), (set(), "float32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_runs_it_natively(compose, monkeypatch, flags, fast):
+    import torch
+
+    from evoexp.models import loading
+    from evoexp.run import resolve_auto_dtypes
+
+    monkeypatch.setattr(loading, "_cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert loading.resolve_dtype("auto", cpu) == fast
+    assert [loading.resolve_dtype(d, cpu) for d in ("float32", "bfloat16")] == ["float32", "bfloat16"]
+    cfg = compose(["eval.dtypes=[auto,float32]", "database.dtype=auto", "device=cpu"])  # the CPU default: auto
+    resolve_auto_dtypes(cfg)
+    run = run_cfg(cfg)
+    assert run.dtype.value == fast and [d.value for d in run.eval.dtypes] == [fast, "float32"]
+    assert run.database.dtype.value == fast and run.eval.zeroshot.dtype is None
+
+
+def test_enum_settings_are_stored_by_name_and_old_run_dirs_still_match():
+    from evoexp.run import config_changes
+
+    assert config_changes({"dtype": "DType.float32", "device": "Device.auto"}, {"dtype": "float32", "device": "auto"}) == []
+    assert config_changes({"dtype": "DType.float32"}, {"dtype": "bfloat16"}) == ["dtype='float32' there, 'bfloat16' now"]
+
+
+def test_cli_auto_dtype_records_what_ran(tmp_path):
+    import torch
+
+    from evoexp.models import resolve_dtype
+
+    args = ["model=tiny", "method=dense", "search=none", "eval.windows=1", "logger=none", "dtype=auto"]
+    proc = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(tmp_path.glob("runs/dense-tiny/*/result.json")).read_text())
+    ran = resolve_dtype("auto", torch.device("cpu"))
+    assert result["config"]["dtype"] == ran and result["config"]["device"] == "auto"
+    assert set(result["metrics"]["ppl"]["wikitext2:test"]) == {"protocol", ran}
 
 
 def test_cli_help_and_cfg():

@@ -106,7 +106,8 @@ def test_sweep_then_table_then_figures(tmp_path, capsys):
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
     assert {"dense", "shortgpt", "window_cosine", "subcloning", "shortened_llama", "evopress"} <= set(rows)
     assert list(rows)[1] == "dense" and list(rows)[-1] == "evopress"  # header first, EvoPress last
-    ppl = [read_json(p)["models"]["evopress"]["ppl"]["wikitext2:test"]["bfloat16"]["ppl"] for p in jobs]
+    ppl = [(r := read_json(p))["models"]["evopress"]["ppl"]["wikitext2:test"][r["config"]["dtype"]]["ppl"]
+           for p in jobs]
     mean = sum(ppl) / 2
     std = abs(ppl[0] - ppl[1]) / 2 ** 0.5
     assert f"{mean:.2f} ± {std:.2f}" in rows["evopress"]

@@ -1,4 +1,5 @@
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
-from evoexp.models.loading import LoadedModel, load_model, resolve_device
+from evoexp.models.loading import LoadedModel, load_model, native_bf16, resolve_device, resolve_dtype
 
-__all__ = ["DecoderAdapter", "LinearInfo", "LoadedModel", "load_model", "resolve_device"]
+__all__ = ["DecoderAdapter", "LinearInfo", "LoadedModel", "load_model", "native_bf16", "resolve_device",
+           "resolve_dtype"]
