@@ -5,7 +5,8 @@ Both sides run lm-evaluation-harness on evoexp's offline task definitions, one t
 dtype, batch size and seeds; they differ only in how the model reaches the harness. "memory" is
 `evoexp method=dense search=none eval=zeroshot` (the model object wrapped in HFLM); "disk" is
 `HFLM(pretrained=<the converted checkpoint dir>)`, as a user of the harness's CLI would load it. Every task's
-result is written when it finishes, so a killed run resumes with the next unfinished task. Prints a Markdown table
+result is written when it finishes, and both sides keep every answered request (the harness's response cache), so
+a killed run resumes inside the task it was on. A resumed side's time is extrapolated from its last segment. Prints a Markdown table
 of acc / acc_norm per task, both sides, and each side's wall time.
 Usage: .venv/bin/python bench/zeroshot_dense.py [--tasks arc_easy ...] [--dtype bfloat16] [--limit N] [--threads 2]
 """
@@ -34,8 +35,12 @@ def memory_side(task: str, args, out: Path) -> dict:
         proc = subprocess.run([sys.executable, "-m", "evoexp", *overrides], env=env, stdout=subprocess.DEVNULL)
         if proc.returncode:
             raise SystemExit(f"evoexp failed on {task} (exit {proc.returncode}); its log: {run}/evoexp.log")
+    from evoexp.eval.zeroshot import answered_requests
+
     zs = json.loads((run / "result.json").read_text())["metrics"]["zeroshot"]
-    return {**zs["tasks"][task], "seconds": zs["seconds"]}
+    caches = {db.name.rpartition("_rank")[0] for db in (run / "zeroshot_requests").glob("*_rank*.db")}
+    return {**zs["tasks"][task], "seconds": zs["seconds"], "resumed_requests": zs.get("resumed_requests", 0),
+            "requests": sum(answered_requests(run / "zeroshot_requests" / c) for c in caches)}
 
 
 def disk_side(task: str, args, out: Path) -> dict:
@@ -58,7 +63,7 @@ def run_from_disk(task: str, args, out: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     from evoexp.config import ModelCfg
-    from evoexp.eval.zeroshot import HARNESS_SEEDS, task_figures
+    from evoexp.eval.zeroshot import HARNESS_SEEDS, answered_requests, task_figures
     from evoexp.eval.zeroshot_data import data_dir, tasks_dir
     from evoexp.models.loading import _embedded_checkpoint
     from evoexp.utils import write_json
@@ -67,16 +72,28 @@ def run_from_disk(task: str, args, out: Path) -> None:
     model_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / "smollm2_135m.yaml").read_text())
     path, fingerprint, _ = _embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
     data_dir()
+    requests = out / "disk" / "requests" / f"{task}-{args.dtype}-b{args.batch_size}-limit{args.limit}"
+    requests.parent.mkdir(parents=True, exist_ok=True)
+    resumed = answered_requests(requests)
     t0 = time.time()
     lm = HFLM(pretrained=path, device="cpu", dtype=args.dtype, batch_size=args.batch_size)
     loaded = time.time()
     results = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=args.limit, bootstrap_iters=1000,
                               task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False),
-                              **HARNESS_SEEDS)
+                              use_cache=str(requests), **HARNESS_SEEDS)
     figures = task_figures(results, task)
     write_json(out / "disk" / f"{task}.json", {**figures, "seconds": round(time.time() - loaded, 2),
                                                "load_seconds": round(loaded - t0, 2), "checkpoint": path,
-                                               "model": fingerprint})
+                                               "model": fingerprint, "resumed_requests": resumed,
+                                               "requests": answered_requests(requests)})
+
+
+def wall_time(side: dict) -> str:
+    """The side's harness time; a resumed side's is extrapolated from its last segment's rate ("≈")."""
+    if not side.get("resumed_requests"):
+        return f"{side['seconds']:.0f} s"
+    share = 1 - side["resumed_requests"] / side["requests"] if side.get("requests") else 0
+    return f"≈ {side['seconds'] / share:.0f} s" if share > 0 else f"{side['seconds']:.0f} s + resumed"
 
 
 def main():
@@ -98,13 +115,15 @@ def main():
     totals = [0.0, 0.0]
     for task in args.tasks:
         mem, disk = memory_side(task, args, out), disk_side(task, args, out)
+        for side in (mem, disk):
+            side["time"] = wall_time(side)
         totals[0] += mem["seconds"]
         totals[1] += disk["seconds"]
         for metric in (m for m in METRICS if m in mem):
             same = mem[metric] == disk[metric] and mem["samples"] == disk["samples"]
             print(f"| {task} | {mem['samples']['effective']} | {metric} | {mem[metric]:.4f} ± "
                   f"{mem[metric + '_stderr']:.4f} | {disk[metric]:.4f} ± {disk[metric + '_stderr']:.4f} | "
-                  f"{'yes' if same else 'NO'} | {mem['seconds']:.0f} s | {disk['seconds']:.0f} s |", flush=True)
+                  f"{'yes' if same else 'NO'} | {mem['time']} | {disk['time']} |", flush=True)
     print(f"\nTotal harness time: in memory {totals[0]:.0f} s, from disk {totals[1]:.0f} s ({args.dtype}, batch "
           f"{args.batch_size}, {args.threads} threads; model loading excluded).")
 

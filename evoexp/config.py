@@ -94,6 +94,9 @@ class ZeroShotCfg:
     references: bool = False  # also evaluate a search's reference baselines (always: dense and the found model)
     builtin_tasks: bool = False  # also index the harness's own tasks (they download their data: online only)
     cache_dense: bool = True
+    # keep every answered request in the run dir (the harness's response cache), so a killed evaluation resumes
+    # where it stopped; resumed requests are re-batched, so figures agree with an uninterrupted run to rounding
+    resume: bool = True
 
 
 @dataclass

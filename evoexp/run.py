@@ -152,7 +152,8 @@ class Job:
                     metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
             if rc.eval.zeroshot.tasks:
                 with self.timed("eval_zeroshot"):
-                    metrics["zeroshot"] = evaluate_zeroshot(loaded, rc.eval.zeroshot, dtype, dense=True)
+                    metrics["zeroshot"] = evaluate_zeroshot(loaded, rc.eval.zeroshot, dtype, dense=True,
+                                                            run_dir=self.out_dir)
         elif rc.method.kind == "drop":
             from evoexp.recipes.depth import DepthPruningRecipe
 

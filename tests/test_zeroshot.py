@@ -264,3 +264,42 @@ def test_missing_exllamav3_is_one_line(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "exllamav3" else real(name, *a))
     with pytest.raises(UserError, match=r"needs the exllamav3 package \(pip install --no-deps exllamav3==1\.6\.5\)"):
         check_source("wiki_sample:train", "data.calib")
+
+
+def test_killed_evaluation_resumes_from_the_answered_requests(tiny, tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    cfg = ZeroShotCfg(tasks=["arc_easy"], limit=4, batch_size=2)  # 4 documents x 4 choices = 16 requests
+    calls = []
+    model_call = HFLM._model_call
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return model_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_call", counting)
+    fresh = evaluate_zeroshot(tiny, cfg, "float32", dense=False)  # no run dir: nothing kept
+    assert fresh["resumed_requests"] == 0 and not (tmp_path / "zeroshot_requests").exists()
+    full_calls = len(calls)
+
+    def killed(self, *args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return counting(self, *args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(HFLM, "_model_call", killed)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_zeroshot(tiny, cfg, "float32", dense=False, run_dir=tmp_path, state="found", state_id=[1])
+    monkeypatch.setattr(HFLM, "_model_call", counting)
+    calls.clear()
+    resumed = evaluate_zeroshot(tiny, cfg, "float32", dense=False, run_dir=tmp_path, state="found", state_id=[1])
+    assert resumed["resumed_requests"] == 6  # three batches of two were answered before the kill
+    assert len(calls) == full_calls - 3
+    assert resumed["tasks"]["arc_easy"] == fresh["tasks"]["arc_easy"]
+    # another model state (or protocol) never reads these answers
+    other = evaluate_zeroshot(tiny, cfg, "float32", dense=False, run_dir=tmp_path, state="found", state_id=[2])
+    assert other["resumed_requests"] == 0
+    off = evaluate_zeroshot(tiny, ZeroShotCfg(tasks=["arc_easy"], limit=4, batch_size=2, resume=False), "float32",
+                            dense=False, run_dir=tmp_path, state="found", state_id=[1])
+    assert off["resumed_requests"] == 0

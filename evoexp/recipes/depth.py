@@ -140,7 +140,8 @@ class DepthPruningRecipe:
             if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
                 with self.timed(f"eval_zeroshot_{name}"):
                     entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,
-                                                          dense=name == "dense")
+                                                          dense=name == "dense", run_dir=self.out_dir,
+                                                          state=name, state_id=entry["lines"])
             models[name] = entry
         return models
 

@@ -455,8 +455,9 @@ class LayerwiseRecipe:
                     entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=alloc is None)
             if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
                 with self.timed(f"eval_zeroshot_{name}"):
-                    entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,
-                                                          dense=alloc is None)
+                    entry["zeroshot"] = evaluate_zeroshot(
+                        self.loaded, rc.eval.zeroshot, rc.dtype.value, dense=alloc is None, run_dir=self.out_dir,
+                        state=name, state_id=None if alloc is None else [alloc.db.key, alloc.levels])
             models[name] = entry
         return models
 
