@@ -35,12 +35,9 @@ def memory_side(task: str, args, out: Path) -> dict:
         proc = subprocess.run([sys.executable, "-m", "evoexp", *overrides], env=env, stdout=subprocess.DEVNULL)
         if proc.returncode:
             raise SystemExit(f"evoexp failed on {task} (exit {proc.returncode}); its log: {run}/evoexp.log")
-    from evoexp.eval.zeroshot import answered_requests
-
     zs = json.loads((run / "result.json").read_text())["metrics"]["zeroshot"]
-    caches = {db.name.rpartition("_rank")[0] for db in (run / "zeroshot_requests").glob("*_rank*.db")}
     return {**zs["tasks"][task], "seconds": zs["seconds"], "resumed_requests": zs.get("resumed_requests", 0),
-            "requests": sum(answered_requests(run / "zeroshot_requests" / c) for c in caches)}
+            "requests": zs.get("answered_requests", 0)}
 
 
 def disk_side(task: str, args, out: Path) -> dict:
@@ -72,7 +69,8 @@ def run_from_disk(task: str, args, out: Path) -> None:
     model_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / "smollm2_135m.yaml").read_text())
     path, fingerprint, _ = _embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
     data_dir()
-    requests = out / "disk" / "requests" / f"{task}-{args.dtype}-b{args.batch_size}-limit{args.limit}"
+    key = f"{task}-{fingerprint[:12]}-{args.dtype}-b{args.batch_size}-limit{args.limit}"  # what decides the answers
+    requests = out / "disk" / "requests" / key
     requests.parent.mkdir(parents=True, exist_ok=True)
     resumed = answered_requests(requests)
     t0 = time.time()

@@ -295,6 +295,7 @@ def test_killed_evaluation_resumes_from_the_answered_requests(tiny, tmp_path, mo
     calls.clear()
     resumed = evaluate_zeroshot(tiny, cfg, "float32", dense=False, run_dir=tmp_path, state="found", state_id=[1])
     assert resumed["resumed_requests"] == 6  # three batches of two were answered before the kill
+    assert resumed["answered_requests"] == 16 and fresh["answered_requests"] == 0
     assert len(calls) == full_calls - 3
     assert resumed["tasks"]["arc_easy"] == fresh["tasks"]["arc_easy"]
     # another model state (or protocol) never reads these answers

@@ -102,7 +102,7 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
             log.info("zero-shot %s: %s %.4f (cached)", task, report_metric(cfg, task),
                      entries[task][report_metric(cfg, task)])
     todo = [t for t in cfg.tasks if t not in entries]
-    seconds, resumed = 0.0, 0
+    seconds, resumed, answered = 0.0, 0, 0
     if todo:
         requests = None
         if run_dir is not None and cfg.resume:
@@ -115,6 +115,7 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
         t0 = time.time()
         results = run_harness(loaded, cfg, todo, dtype, requests=requests)
         seconds = round(time.time() - t0, 2)
+        answered = resumed if requests is None else answered_requests(requests)
         for task in todo:
             figures = task_figures(results, task)
             metric = report_metric(cfg, task)
@@ -132,7 +133,7 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
     average = sum(entries[t][m] for t, m in metrics.items()) / len(metrics)
     log.info("zero-shot average (%s): %.4f", ", ".join(f"{t} {m}" for t, m in metrics.items()), average)
     return {"average": average, "report_metrics": metrics, "tasks": entries, "protocol": proto,
-            "seconds": seconds, "resumed_requests": resumed}
+            "seconds": seconds, "resumed_requests": resumed, "answered_requests": answered}
 
 
 def answered_requests(base: Path) -> int:
