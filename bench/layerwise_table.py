@@ -47,6 +47,17 @@ def run_dir(out: Path, method: str, args: list[str]) -> Path | None:
     return None
 
 
+def run_showing_progress(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run `cmd` with its progress bars on our stderr (a database or search takes hours); (exit code, stderr tail)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tail = b""
+    for chunk in iter(lambda: proc.stderr.read1(4096), b""):  # chunks, not lines: tqdm redraws with \r
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    return proc.wait(), tail.decode(errors="replace")
+
+
 def run(method: str, target: float, key: str, extra: list[str], out: Path, threads: int | None) -> dict | None:
     search = key.split("+")[0]
     common = [] if search.startswith("evopress") else COMMON
@@ -56,10 +67,9 @@ def run(method: str, target: float, key: str, extra: list[str], out: Path, threa
         print("evoexp", " ".join(args), flush=True)
         env = {**os.environ, "EVOEXP_OUT": str(out)}
         speed = [] if threads is None else [f"threads={threads}"]  # not part of the run's identity
-        proc = subprocess.run([sys.executable, "-m", "evoexp", *args, *speed], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        if proc.returncode:  # e.g. uniform at a fractional bit target: no such row
-            print(f"  skipped: {proc.stderr.strip().splitlines()[-1]}", flush=True)
+        code, tail = run_showing_progress([sys.executable, "-m", "evoexp", *args, *speed], env)
+        if code:  # e.g. uniform at a fractional bit target: no such row
+            print(f"  skipped: {(tail.strip().splitlines() or [f'exit {code}'])[-1]}", flush=True)
             return None
         where = run_dir(out, method, args)
     return json.loads((where / "result.json").read_text())
