@@ -198,8 +198,8 @@ class LayerwiseRecipe:
             start, fit = self.best_of(self.fractional_starts(s.init_candidates, rng), db, s.init_tokens, rng)
             lv = quant_levels(self.layers, m.target, m.levels, m.group_rule, m.tied,
                               state_sums=group_sums(lv.space, start))
-            log.info("fractional start: best of %d random allocations at %.4f bits, fitness %.5f",
-                     s.init_candidates, bits_of(lv, start, min(m.levels)), fit)
+            log.info("fractional start: best of %d random allocations at %.4f bits, fitness %.5f on %d tokens",
+                     s.init_candidates, bits_of(lv, start, min(m.levels)), fit, s.init_tokens)
             init = "given"
         elif self.fractional:
             raise UserError(f"search.init: a fractional bit target needs init=fractional (or null), not {init}")

@@ -142,8 +142,9 @@ class EvoPress:
             parent, fit = cands[best], float(fits[best])
         else:
             raise UserError(f"search.init: expected random | uniform | fractional, got {self.s.init!r}")
-        log.info("search start: fitness %.5f (%s init), %d generations of %d offspring", fit, self.s.init,
-                 self.s.generations, self.s.offspring)
+        # Scored on a fresh sample of init_tokens, so it differs from a score the start was chosen by.
+        log.info("search start: fitness %.5f on %d tokens (%s init), %d generations of %d offspring", fit,
+                 self.s.init_tokens, self.s.init, self.s.generations, self.s.offspring)
         if self.history_file is not None and self.history_file.exists():
             self.history_file.unlink()
         return rng, 0, parent, float(fit), []
