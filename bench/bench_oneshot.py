@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from subproc import run_showing_progress  # bench/ is on sys.path when a script here runs
+
 BENCH = Path(__file__).resolve().parent
 VENV = BENCH / ".venv-llmcompressor"
 LLMC = "llmcompressor==0.14.0.1"
@@ -49,11 +51,10 @@ THREADS = 2  # both tools get the same number; --threads sets it
 def evoexp(args: list[str], out: Path) -> dict:
     """One evoexp run in `out/run`; a finished one is read back (evoexp refuses it if its settings differ)."""
     env = {**os.environ, "EVOEXP_OUT": str(out), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "evoexp", *args, "hydra.run.dir=" + str(out / "run"),
-                           "logger=none", f"threads={THREADS}", "dtype=float32"],
-                          env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"evoexp {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    code, tail = run_showing_progress([sys.executable, "-m", "evoexp", *args, "hydra.run.dir=" + str(out / "run"),
+                                       "logger=none", f"threads={THREADS}", "dtype=float32"], env)
+    if code:
+        raise RuntimeError(f"evoexp {' '.join(args)} failed:\n{tail[-3000:]}")
     return json.loads((out / "run" / "result.json").read_text())
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from subproc import run_showing_progress  # bench/ is on sys.path when a script here runs
 
 # The CPU search configs set dtype, data and database sizes; every baseline gets the same values so that all
 # runs of one target share the database (same key) and the calibration windows.
@@ -45,17 +46,6 @@ def run_dir(out: Path, method: str, args: list[str]) -> Path | None:
         if sorted(given) == sorted(args):
             return where.parent.parent
     return None
-
-
-def run_showing_progress(cmd: list[str], env: dict) -> tuple[int, str]:
-    """Run `cmd` with its progress bars on our stderr (a database or search takes hours); (exit code, stderr tail)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    tail = b""
-    for chunk in iter(lambda: proc.stderr.read1(4096), b""):  # chunks, not lines: tqdm redraws with \r
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-4096:]
-    return proc.wait(), tail.decode(errors="replace")
 
 
 def run(method: str, target: float, key: str, extra: list[str], out: Path, threads: int | None) -> dict | None:

@@ -115,7 +115,7 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
         t0 = time.time()
         results = run_harness(loaded, cfg, todo, dtype, requests=requests)
         seconds = round(time.time() - t0, 2)
-        answered = resumed if requests is None else answered_requests(requests)
+        answered = 0 if requests is None else answered_requests(requests)
         for task in todo:
             figures = task_figures(results, task)
             metric = report_metric(cfg, task)
