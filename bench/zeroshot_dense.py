@@ -8,7 +8,14 @@ dtype, batch size and seeds; they differ only in how the model reaches the harne
 result is written when it finishes, and both sides keep every answered request (the harness's response cache), so
 a killed run resumes inside the task it was on. A resumed side's time is extrapolated from its last segment. Prints a Markdown table
 of acc / acc_norm per task, both sides, and each side's wall time.
+
+A task too long for one sitting (HellaSwag: 40,168 requests, hours per side on 2 cores) runs in parts:
+`--part i/n` scores the i-th of n contiguous parts of each task's documents on both sides, side by side on the
+same machine, and writes both sides' per-document scores to `--results` (kept in the repo, so parts measured in
+different sessions add up). Once every part of a task is there, its row is the combination of the parts
+(`evoexp.eval.zeroshot.combine_parts`), equal only if every document scored the same on both sides.
 Usage: .venv/bin/python bench/zeroshot_dense.py [--tasks arc_easy ...] [--dtype bfloat16] [--limit N] [--threads 2]
+       [--part i/n] [--results bench/results/zeroshot_dense]
 """
 from __future__ import annotations
 
@@ -24,10 +31,15 @@ FIVE = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"]
 METRICS = ("acc", "acc_norm")
 
 
+def part_name(part: str | None) -> str:
+    return "" if part is None else "-part-{}-of-{}".format(*part.split("/"))
+
+
 def memory_side(task: str, args, out: Path) -> dict:
-    run = out / "memory" / task
+    run = out / "memory" / f"{task}{part_name(args.part)}"
     if not (run / "result.json").exists():
         overrides = ["method=dense", "search=none", "eval=zeroshot", f"eval.zeroshot.tasks=[{task}]",
+                     f"eval.zeroshot.shard={'null' if args.part is None else args.part}",
                      "eval.zeroshot.cache_dense=false", f"eval.zeroshot.batch_size={args.batch_size}",
                      f"eval.zeroshot.limit={'null' if args.limit is None else args.limit}", f"dtype={args.dtype}",
                      f"threads={args.threads}", "logger=none", f"hydra.run.dir={run}"]
@@ -40,16 +52,67 @@ def memory_side(task: str, args, out: Path) -> dict:
             "requests": zs.get("answered_requests", 0)}
 
 
-def disk_side(task: str, args, out: Path) -> dict:
-    done = out / "disk" / f"{task}.json"
-    if not done.exists():  # a fresh process, as the memory side gets
-        cmd = [sys.executable, __file__, "--disk-task", task, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--batch-size", str(args.batch_size), "--out", str(out)]
-        if args.limit is not None:
-            cmd += ["--limit", str(args.limit)]
-        if subprocess.run(cmd).returncode:
-            raise SystemExit(f"the from-disk harness run failed on {task}")
-    return json.loads(done.read_text())
+def disk_command(task: str, args, out: Path) -> list[str] | None:
+    """The from-disk run of `task` as its own process (as the memory side gets), or None when it is done."""
+    if (out / "disk" / f"{task}{part_name(args.part)}.json").exists():
+        return None
+    cmd = [sys.executable, __file__, "--disk-task", task, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--batch-size", str(args.batch_size), "--out", str(out)]
+    if args.limit is not None:
+        cmd += ["--limit", str(args.limit)]
+    if args.part is not None:
+        cmd += ["--part", args.part]
+    return cmd
+
+
+def both_sides(task: str, args, out: Path) -> tuple[dict, dict]:
+    """Memory then disk, or (--together) both at once, each with --threads."""
+    cmd = disk_command(task, args, out)
+    disk = subprocess.Popen(cmd) if cmd and args.together else None
+    mem = memory_side(task, args, out)
+    code = disk.wait() if disk else subprocess.run(cmd).returncode if cmd else 0
+    if code:
+        raise SystemExit(f"the from-disk harness run failed on {task}")
+    return mem, json.loads((out / "disk" / f"{task}{part_name(args.part)}.json").read_text())
+
+
+def keep_part(task: str, args, mem: dict, disk: dict) -> None:
+    """Both sides' figures and per-document scores of one part, where later sessions find them."""
+    from evoexp.models.loading import _cpu_flags
+    from evoexp.utils import atomic_path
+
+    i, n = args.part.split("/")
+    where = Path(args.results) / f"{task}-{args.dtype}-b{args.batch_size}" / f"part-{i}-of-{n}.json"
+    record = {"task": task, "part": args.part, "dtype": args.dtype, "batch_size": args.batch_size,
+              "threads": args.threads, "together": args.together,
+              "cpu_flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx"))),
+              "date": time.strftime("%Y-%m-%d"), "memory": mem, "disk": disk}
+    where.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(where) as tmp:  # one line per side: the per-document lists are long
+        tmp.write_text("{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
+    print(f"kept {where}", flush=True)
+
+
+def combined(task: str, args) -> tuple[dict, dict] | None:
+    """Both sides of `task` combined over every kept part of one split into n parts, once all n are there."""
+    from evoexp.eval.zeroshot import combine_parts
+
+    parts = sorted((Path(args.results) / f"{task}-{args.dtype}-b{args.batch_size}").glob("part-*-of-*.json"))
+    by_n: dict[str, list[dict]] = {}
+    for f in parts:
+        by_n.setdefault(f.stem.rsplit("-", 1)[1], []).append(json.loads(f.read_text()))
+    for n, kept in by_n.items():
+        if len(kept) == int(n):
+            sides = []
+            for side in ("memory", "disk"):
+                whole = combine_parts([k[side] for k in kept])
+                whole["seconds"] = sum(k[side]["seconds"] for k in kept)
+                whole["time"] = f"{whole['seconds']:.0f} s ({n} parts)"
+                sides.append(whole)
+            same_docs = all(k["memory"]["documents"] == k["disk"]["documents"] for k in kept)
+            sides[0]["documents_equal"] = sides[1]["documents_equal"] = same_docs
+            return sides[0], sides[1]
+    return None
 
 
 def run_from_disk(task: str, args, out: Path) -> None:
@@ -60,7 +123,7 @@ def run_from_disk(task: str, args, out: Path) -> None:
     from lm_eval.tasks import TaskManager
 
     from evoexp.config import ModelCfg
-    from evoexp.eval.zeroshot import HARNESS_SEEDS, answered_requests, task_figures
+    from evoexp.eval.zeroshot import HARNESS_SEEDS, answered_requests, per_document, shard_documents, task_figures
     from evoexp.eval.zeroshot_data import data_dir, tasks_dir
     from evoexp.models.loading import _embedded_checkpoint
     from evoexp.utils import write_json
@@ -69,18 +132,22 @@ def run_from_disk(task: str, args, out: Path) -> None:
     model_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / "smollm2_135m.yaml").read_text())
     path, fingerprint, _ = _embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
     data_dir()
-    key = f"{task}-{fingerprint[:12]}-{args.dtype}-b{args.batch_size}-limit{args.limit}"  # what decides the answers
+    key = f"{task}-{fingerprint[:12]}-{args.dtype}-b{args.batch_size}-limit{args.limit}{part_name(args.part)}"
     requests = out / "disk" / "requests" / key
     requests.parent.mkdir(parents=True, exist_ok=True)
     resumed = answered_requests(requests)
     t0 = time.time()
     lm = HFLM(pretrained=path, device="cpu", dtype=args.dtype, batch_size=args.batch_size)
     loaded = time.time()
-    results = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=args.limit, bootstrap_iters=1000,
-                              task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False),
-                              use_cache=str(requests), **HARNESS_SEEDS)
+    manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False)
+    samples = None if args.part is None else {task: shard_documents(task, manager, args.part)}
+    results = simple_evaluate(model=lm, tasks=[task], num_fewshot=0, limit=args.limit, samples=samples,
+                              bootstrap_iters=1000, task_manager=manager, use_cache=str(requests),
+                              log_samples=args.part is not None, **HARNESS_SEEDS)
     figures = task_figures(results, task)
-    write_json(out / "disk" / f"{task}.json", {**figures, "seconds": round(time.time() - loaded, 2),
+    if args.part is not None:
+        figures["documents"] = per_document(results, task)
+    write_json(out / "disk" / f"{task}{part_name(args.part)}.json", {**figures, "seconds": round(time.time() - loaded, 2),
                                                "load_seconds": round(loaded - t0, 2), "checkpoint": path,
                                                "model": fingerprint, "resumed_requests": resumed,
                                                "requests": answered_requests(requests)})
@@ -102,6 +169,9 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: the full splits)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, the same on both sides")
     ap.add_argument("--out", default=None, help="default outputs/bench/zeroshot_dense[_limitN]")
+    ap.add_argument("--part", help="i/n: only the i-th of n contiguous parts of each task's documents, kept in --results")
+    ap.add_argument("--results", default="bench/results/zeroshot_dense", help="where parts are kept (in the repo)")
+    ap.add_argument("--together", action="store_true", help="run the two sides at the same time")
     ap.add_argument("--disk-task", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out or f"outputs/bench/zeroshot_dense{'' if args.limit is None else f'_limit{args.limit}'}")
@@ -112,18 +182,30 @@ def main():
           f"time from disk |\n|---|---|---|---|---|---|---|---|", flush=True)
     totals = [0.0, 0.0]
     for task in args.tasks:
-        mem, disk = memory_side(task, args, out), disk_side(task, args, out)
+        mem, disk = both_sides(task, args, out)
         for side in (mem, disk):
             side["time"] = wall_time(side)
+        rows = [(task if args.part is None else f"{task} (part {args.part})", mem, disk)]  # a part, then the whole
+        if args.part is not None:
+            keep_part(task, args, mem, disk)
+            whole = combined(task, args)
+            if whole:
+                rows.append((task, *whole))
         totals[0] += mem["seconds"]
         totals[1] += disk["seconds"]
-        for metric in (m for m in METRICS if m in mem):
-            same = mem[metric] == disk[metric] and mem["samples"] == disk["samples"]
-            print(f"| {task} | {mem['samples']['effective']} | {metric} | {mem[metric]:.4f} ± "
-                  f"{mem[metric + '_stderr']:.4f} | {disk[metric]:.4f} ± {disk[metric + '_stderr']:.4f} | "
-                  f"{'yes' if same else 'NO'} | {mem['time']} | {disk['time']} |", flush=True)
+        for task, mem, disk in rows:
+            print_rows(task, mem, disk)
     print(f"\nTotal harness time: in memory {totals[0]:.0f} s, from disk {totals[1]:.0f} s ({args.dtype}, batch "
           f"{args.batch_size}, {args.threads} threads; model loading excluded).")
+
+
+def print_rows(task: str, mem: dict, disk: dict) -> None:
+    for metric in (m for m in METRICS if m in mem):
+        same = mem[metric] == disk[metric] and mem["samples"] == disk["samples"]
+        same = same and mem.get("documents_equal", True) and mem.get("documents") == disk.get("documents")
+        print(f"| {task} | {mem['samples']['effective']} | {metric} | {mem[metric]:.4f} ± "
+              f"{mem[metric + '_stderr']:.4f} | {disk[metric]:.4f} ± {disk[metric + '_stderr']:.4f} | "
+              f"{'yes' if same else 'NO'} | {mem['time']} | {disk['time']} |", flush=True)
 
 
 if __name__ == "__main__":

