@@ -25,6 +25,7 @@ from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import Stop, UserError
 from evoexp.eval import check_zeroshot, evaluate_ppl, evaluate_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, native_bf16, resolve_device, resolve_dtype
+from evoexp.report.table import split_label
 from evoexp.tracking import Tracker
 from evoexp.utils import git_sha, read_json, versions, write_json
 
@@ -262,7 +263,7 @@ def print_summary(result: dict) -> None:
 
 def print_zeroshot(zs: dict, label: str = "") -> None:
     p = zs["protocol"]
-    limit = "full splits" if p["limit"] is None else f"limit {p['limit']}"
+    limit = split_label(p)
     cells = " | ".join(f"{task} {metric} {zs['tasks'][task][metric]:.4f}"
                        f"{' (cached)' if zs['tasks'][task].get('cached') else ''}"
                        for task, metric in zs["report_metrics"].items())

@@ -236,6 +236,9 @@ def test_a_shard_scores_its_part_of_the_split_with_per_document_results(tiny):
     scores = [s["acc"] for s in sorted(whole["samples"]["winogrande"], key=lambda s: s["doc_id"])]
     assert a["documents"]["acc"] + b["documents"]["acc"] == scores
     assert first["protocol"]["shard"] == "0/317"
+    from evoexp.report.table import split_label  # what the printed summary and evoexp-table's notes say
+
+    assert split_label(first["protocol"]) == "part 0 of 317" and split_label({"limit": None}) == "full splits"
 
 
 def test_parts_combine_into_the_whole_splits_figures():

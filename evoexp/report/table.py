@@ -115,13 +115,20 @@ def _values(entry: dict, dtype: str | None, tasks: bool) -> list[tuple[Metric, f
     if zs:
         metrics = ", ".join(f"{t} {m}" for t, m in zs["report_metrics"].items())
         p = zs["protocol"]
-        split = "full splits" if p.get("limit") is None else f"limit {p['limit']}"
+        split = split_label(p)
         out.append((Metric("0-shot avg", True, True), zs["average"],
                     f"0-shot avg: mean of {metrics} (lm-eval {p.get('lm_eval')}, {split})"))
         if tasks:
             for t, m in zs["report_metrics"].items():
                 out.append((Metric(f"{t} {m}", True, True), zs["tasks"][t][m], ""))
     return out
+
+
+def split_label(proto: dict) -> str:
+    """What part of each split a zero-shot protocol scored: "full splits", "limit 100" or "part 0 of 4"."""
+    if proto.get("shard"):
+        return "part {} of {}".format(*str(proto["shard"]).split("/"))
+    return "full splits" if proto.get("limit") is None else f"limit {proto['limit']}"
 
 
 def collect(results: list[dict], by: list[str], dtype: str | None, tasks: bool) -> list[Table]:
