@@ -147,10 +147,10 @@ def run_from_disk(task: str, args, out: Path) -> None:
     figures = task_figures(results, task)
     if args.part is not None:
         figures["documents"] = per_document(results, task)
-    write_json(out / "disk" / f"{task}{part_name(args.part)}.json", {**figures, "seconds": round(time.time() - loaded, 2),
-                                               "load_seconds": round(loaded - t0, 2), "checkpoint": path,
-                                               "model": fingerprint, "resumed_requests": resumed,
-                                               "requests": answered_requests(requests)})
+    write_json(out / "disk" / f"{task}{part_name(args.part)}.json",
+               {**figures, "seconds": round(time.time() - loaded, 2), "load_seconds": round(loaded - t0, 2),
+                "checkpoint": path, "model": fingerprint, "resumed_requests": resumed,
+                "requests": answered_requests(requests)})
 
 
 def wall_time(side: dict) -> str:

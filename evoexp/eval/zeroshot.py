@@ -60,6 +60,11 @@ def check_zeroshot(cfg: ZeroShotCfg) -> None:
         if cfg.limit is not None:
             raise UserError("eval.zeroshot.shard: set either shard or limit, not both (a shard is a part of the "
                             "full split)")
+        from lm_eval.tasks import TaskManager
+
+        groups = set(TaskManager(include_path=str(tasks_dir()), include_defaults=cfg.builtin_tasks).all_groups)
+        for task in set(cfg.tasks) & groups:
+            raise UserError(f"eval.zeroshot.shard: {task} is a group of tasks; shard its subtasks one by one")
     known = shipped_tasks()
     for task in cfg.tasks:
         if task not in known:
@@ -89,10 +94,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def shard_documents(task: str, manager, shard: str) -> list[int]:
     """The document indices of `task` in part i of n: contiguous, sizes differing by at most one."""
     i, n = parse_shard(shard)
-    loaded = manager.load([task])
-    if task in loaded["groups"]:
-        raise UserError(f"eval.zeroshot.shard: {task} is a group of tasks; shard its subtasks one by one")
-    total = len(loaded["tasks"][task].eval_docs)
+    total = len(manager.load([task])["tasks"][task].eval_docs)  # check_zeroshot turned groups away
     return list(range(i * total // n, (i + 1) * total // n))
 
 
