@@ -93,6 +93,24 @@ def keep_part(task: str, args, mem: dict, disk: dict) -> None:
     print(f"kept {where}", flush=True)
 
 
+def print_parts(task: str, args) -> None:
+    """One line per kept part of `task`: its documents, the CPU, both sides' figures and times."""
+    folder = Path(args.results) / f"{task}-{args.dtype}-b{args.batch_size}"
+    print("\n| part | documents | CPU | acc memory / disk | acc_norm memory / disk | documents equal | "
+          "time memory / disk |\n|---|---|---|---|---|---|---|")
+    kept = [json.loads(f.read_text()) for f in folder.glob("part-*-of-*.json")]
+    for k in sorted(kept, key=lambda k: tuple(int(x) for x in k["part"].split("/")[::-1])):
+        mem, disk = k["memory"], k["disk"]
+        ids = mem["documents"]["doc_id"]
+        same = sum(all(mem["documents"][m][j] == disk["documents"][m][j] for m in METRICS if m in mem["documents"])
+                   for j in range(len(ids))) if mem["documents"]["doc_id"] == disk["documents"]["doc_id"] else 0
+        i, n = k["part"].split("/")
+        print(f"| {i} of {n} | {ids[0]:,}–{ids[-1]:,} | {'+'.join(k['cpu_flags']) or '?'}, {k['dtype']} | "
+              + " | ".join(f"{mem[m]:.4f} / {disk[m]:.4f}" for m in METRICS if m in mem)
+              + f" | {same:,} of {len(ids):,} | {mem['seconds']:,.0f} s / {disk['seconds']:,.0f} s |")
+    print()
+
+
 def combined(task: str, args) -> tuple[dict, dict] | None:
     """Both sides of `task` combined over every kept part of one split into n parts, once all n are there."""
     from evoexp.eval.zeroshot import combine_parts
@@ -188,6 +206,7 @@ def main():
         rows = [(task if args.part is None else f"{task} (part {args.part})", mem, disk)]  # a part, then the whole
         if args.part is not None:
             keep_part(task, args, mem, disk)
+            print_parts(task, args)
             whole = combined(task, args)
             if whole:
                 rows.append((task, *whole))
