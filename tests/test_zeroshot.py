@@ -228,8 +228,7 @@ def test_a_shard_scores_its_part_of_the_split_with_per_document_results(tiny):
                                dense=False)
     a, b = first["tasks"]["winogrande"], second["tasks"]["winogrande"]
     assert a["documents"]["doc_id"] == [0, 1, 2] and b["documents"]["doc_id"] == [3, 4, 5, 6]
-    assert a["samples"]["effective"] == 3 and a["acc"] == pytest.approx(
-        sum(a["documents"]["acc"]) / 3)
+    assert a["samples"]["effective"] == 3 and a["acc"] == pytest.approx(sum(a["documents"]["acc"]) / 3)
     # the same documents scored as a `limit` run scores them
     whole = run_harness(tiny, ZeroShotCfg(tasks=["winogrande"], limit=7, batch_size=2), ["winogrande"], "float32",
                         log_samples=True)

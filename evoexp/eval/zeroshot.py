@@ -63,8 +63,10 @@ def check_zeroshot(cfg: ZeroShotCfg) -> None:
         from lm_eval.tasks import TaskManager
 
         groups = set(TaskManager(include_path=str(tasks_dir()), include_defaults=cfg.builtin_tasks).all_groups)
-        for task in set(cfg.tasks) & groups:
-            raise UserError(f"eval.zeroshot.shard: {task} is a group of tasks; shard its subtasks one by one")
+        grouped = [t for t in cfg.tasks if t in groups]
+        if grouped:
+            raise UserError(f"eval.zeroshot.shard: {', '.join(grouped)} is a group of tasks; shard its subtasks "
+                            "one by one")
     known = shipped_tasks()
     for task in cfg.tasks:
         if task not in known:
@@ -271,6 +273,8 @@ def per_document(results: dict, task: str) -> dict:
 def combine_parts(parts: list[dict]) -> dict:
     """The figures of a whole split from the figures of its shards (each with "documents"): every mean metric
     over all documents, with the harness's stderr of a mean. Fails on a missing or repeated document."""
+    from lm_eval.api.metrics import mean, mean_stderr
+
     ids = [d for p in parts for d in p["documents"]["doc_id"]]
     if sorted(ids) != list(range(len(ids))):
         raise ValueError(f"the parts cover {len(set(ids))} distinct documents of ids 0..{max(ids, default=-1)}, "
@@ -278,9 +282,7 @@ def combine_parts(parts: list[dict]) -> dict:
     out: dict = {"samples": {"original": len(ids), "effective": len(ids)}}
     for metric in (m for m in ("acc", "acc_norm") if all(m in p["documents"] for p in parts)):
         scores = [x for p in parts for x in p["documents"][metric]]
-        mean = sum(scores) / len(scores)
-        var = sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
-        out[metric], out[f"{metric}_stderr"] = mean, math.sqrt(var / len(scores))
+        out[metric], out[f"{metric}_stderr"] = mean(scores), mean_stderr(scores) if len(scores) > 1 else 0.0
     return out
 
 
