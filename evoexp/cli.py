@@ -50,6 +50,12 @@ def _rewrite_model_path(argv: list[str]) -> list[str]:
     return out
 
 
+def _multirun_flag_first(argv: list[str]) -> list[str]:
+    """Accept `-m` anywhere (`evoexp experiment=X -m seed=0,1,2`): Hydra's parser rejects overrides after a flag."""
+    flags = [a for a in argv if a in ("-m", "--multirun")]
+    return flags[:1] + [a for a in argv if a not in ("-m", "--multirun")]
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -99,7 +105,7 @@ def main() -> None:
     wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
     # Hydra would print its own multi-line report; we take exceptions ourselves to print user errors as one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    sys.argv = [sys.argv[0]] + _rewrite_model_path(sys.argv[1:])
+    sys.argv = [sys.argv[0]] + _multirun_flag_first(_rewrite_model_path(sys.argv[1:]))
     try:
         _hydra_main()
     except Exception as ex:  # noqa: BLE001 - the top of the program decides how to report

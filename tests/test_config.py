@@ -201,7 +201,8 @@ def test_cli_help_and_cfg():
 
 
 def test_cli_multirun_one_dir_and_one_wandb_run_per_job(tmp_path):
-    proc = run_cli("-m", "model=tiny", "method=dense", "search=none", "eval.windows=1", "seed=0,1", "sweep_name=t",
+    # `-m` after an override, as users type it (`evoexp experiment=X -m seed=0,1,2`); Hydra alone rejects that order
+    proc = run_cli("model=tiny", "-m", "method=dense", "search=none", "eval.windows=1", "seed=0,1", "sweep_name=t",
                    "logger=wandb", "logger.mode=offline", env={"EVOEXP_OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     dirs = sorted((tmp_path / "sweeps" / "t").glob("*seed=*"))
