@@ -93,7 +93,7 @@ def score_baseline(kind: str, ds: DepthSpace, ppl_evaluator: CandidateEvaluator,
         # Drop each segment alone and rank by calibration perplexity (Kim et al., 2024).
         dense = np.zeros(ds.space.size, dtype=np.int64)
         singles = [ds.from_segments([s]) for s in range(len(ds.segments))]
-        nll = np.array(ppl_evaluator.score(singles, batch, parent=dense))
+        nll = np.array(ppl_evaluator.score(singles, batch, parent=dense, desc=kind))
         chosen = sorted(np.argsort(np.where(allowed, nll, np.inf), kind="stable")[: ds.k].tolist())
         return ds.from_segments(chosen)
     pairs = list(ds.segments)
@@ -116,7 +116,7 @@ def random_best(ds: DepthSpace, evaluator: CandidateEvaluator, batch: Minibatch,
                 rng: np.random.Generator) -> tuple[np.ndarray, float]:
     """Best of `candidates` distinct random feasible states on one minibatch."""
     states = ds.space.random_states(rng, candidates)
-    fits = evaluator.score(states, batch)
+    fits = evaluator.score(states, batch, desc="random")
     best = int(np.argmin(fits))
     return states[best], float(fits[best])
 
@@ -125,7 +125,7 @@ def brute_force(ds: DepthSpace, evaluator: CandidateEvaluator, batch: Minibatch,
                 ) -> tuple[np.ndarray, float]:
     states = list(ds.space.all_states(max_states))
     log.info("brute force over %d states", len(states))
-    fits = evaluator.score(states, batch)
+    fits = evaluator.score(states, batch, desc="brute force")
     best = int(np.argmin(fits))
     return states[best], float(fits[best])
 

@@ -127,7 +127,7 @@ class DepthPruningRecipe:
         rng = np.random.Generator(np.random.PCG64(rc.seed + 2))
         batch = minibatch(teacher, min(rc.fitness.report_tokens, teacher.windows.numel()), rng)
         with self.timed("report_fitness"):
-            fits = evaluator.score(list(states.values()), batch)
+            fits = evaluator.score(list(states.values()), batch, desc="report fitness")
         models = {}
         for (name, st), fit in zip(states.items(), fits):
             cfg = ds.to_config(st)

@@ -195,7 +195,8 @@ class LayerwiseRecipe:
         if init == "fractional":
             if not self.fractional:
                 raise UserError("search.init: fractional applies to fractional bit targets only")
-            start, fit = self.best_of(self.fractional_starts(s.init_candidates, rng), db, s.init_tokens, rng)
+            start, fit = self.best_of(self.fractional_starts(s.init_candidates, rng), db, s.init_tokens, rng,
+                                      "random starts")
             lv = quant_levels(self.layers, m.target, m.levels, m.group_rule, m.tied,
                               state_sums=group_sums(lv.space, start))
             log.info("fractional start: best of %d random allocations at %.4f bits, fitness %.5f on %d tokens",
@@ -232,7 +233,7 @@ class LayerwiseRecipe:
         rng = np.random.Generator(np.random.PCG64(self.rc.seed + 11))
         states = (self.fractional_starts(s.candidates, rng) if self.fractional
                   else lv.space.random_states(rng, s.candidates))
-        best, fit = self.best_of(states, db, s.tokens, rng)
+        best, fit = self.best_of(states, db, s.tokens, rng, "random")
         return Allocation(db, lv.layers_of(best), {"kind": "random", "fitness": fit, "candidates": len(states),
                                                    "tokens": s.tokens})
 
@@ -285,7 +286,7 @@ class LayerwiseRecipe:
             return allocs[0]
         rng = np.random.Generator(np.random.PCG64(rc.seed + 13))
         batch = minibatch(self.teacher, min(s.tokens, self.teacher.windows.numel()), rng)
-        fits = self.alloc_evaluator().score(allocs, batch)
+        fits = self.alloc_evaluator().score(allocs, batch, desc="owl grid")
         best = int(np.argmin(fits))
         allocs[best].info.update({"fitness": fits[best], "tokens": batch.tokens,
                                   "grid": [{"lambda": a.info["lambda"], "m": a.info["m"], "fitness": f}
@@ -312,9 +313,10 @@ class LayerwiseRecipe:
         m = self.rc.method
         return [fractional_start(self.level_space(), m.target, m.levels, rng) for _ in range(n)]
 
-    def best_of(self, states: list[np.ndarray], db: Database, tokens: int, rng) -> tuple[np.ndarray, float]:
+    def best_of(self, states: list[np.ndarray], db: Database, tokens: int, rng, desc: str
+                ) -> tuple[np.ndarray, float]:
         batch = minibatch(self.teacher, min(tokens, self.teacher.windows.numel()), rng)
-        fits = self.state_evaluator(self.level_space(), db).score(states, batch)
+        fits = self.state_evaluator(self.level_space(), db).score(states, batch, desc=desc)
         best = int(np.argmin(fits))
         return states[best], float(fits[best])
 
@@ -439,7 +441,7 @@ class LayerwiseRecipe:
             rng = np.random.Generator(np.random.PCG64(rc.seed + 2))
             batch = minibatch(self.teacher, min(rc.fitness.report_tokens, self.teacher.windows.numel()), rng)
             with self.timed("report_fitness"):
-                scores = self.alloc_evaluator().score(list(allocations.values()), batch)
+                scores = self.alloc_evaluator().score(list(allocations.values()), batch, desc="report fitness")
             fits = {name: {"fitness": f, "fitness_kind": rc.fitness.kind, "fitness_tokens": batch.tokens}
                     for name, f in zip(allocations, scores)}
         models = {}

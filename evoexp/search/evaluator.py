@@ -13,6 +13,7 @@ import torch
 
 from evoexp.blockrun import BlockRunner
 from evoexp.fitness import Minibatch, Teacher
+from evoexp.utils import progress
 
 
 class CandidateEvaluator:
@@ -25,7 +26,10 @@ class CandidateEvaluator:
         self.block_passes = 0  # decoder-block forwards (times sequences), the unit of search cost
 
     @torch.inference_mode()
-    def score(self, states: list[np.ndarray], batch: Minibatch, parent: np.ndarray | None = None) -> list[float]:
+    def score(self, states: list[np.ndarray], batch: Minibatch, parent: np.ndarray | None = None,
+              desc: str | None = None) -> list[float]:
+        """Fitness of every state on `batch`; `desc` labels a progress bar (for long one-off scorings, e.g.
+        best of 64 random, not for EvoPress generations, which log a line each)."""
         device = next(self.teacher.adapter.model.parameters()).device
         groups = batch.groups(self.max_batch)
         windows = self.teacher.windows
@@ -35,7 +39,7 @@ class CandidateEvaluator:
             cache = [[] for _ in groups]
             parent_fit = self._forward(parent, groups, embeds, 0, cache)
         out = []
-        for state in states:
+        for state in states if desc is None else progress(states, desc=desc, unit="cand"):
             start = 0
             if cache is not None:
                 changed = np.flatnonzero(state != parent)
