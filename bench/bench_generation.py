@@ -41,7 +41,7 @@ class NaiveEvaluator:
                                      for i in range(windows.shape[0])])
 
     @torch.inference_mode()
-    def score(self, states, batch, parent=None):
+    def score(self, states, batch, parent=None, desc=None):
         out = []
         for state in states:
             self.apply(state)

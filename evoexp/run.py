@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 import traceback
 from contextlib import contextmanager
@@ -51,6 +52,8 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
             log.info("already finished in %s (resume=false recomputes)", out_dir)
             print_summary(result)
             return result.get("objective")
+    if not rc.resume:
+        forget_progress(out_dir)
     tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=getattr(rc.method, "kind", None))
     failed = out_dir / "FAILED"
     with tracker:
@@ -67,6 +70,23 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
     failed.unlink(missing_ok=True)
     print_summary(result)
     return result.get("objective")
+
+
+# What a killed job leaves for its rerun to go on from (the zero-shot request cache has its own
+# eval.zeroshot.resume); resume=false removes it, so the job starts over and is itself resumable again.
+PROGRESS = ("search_state.json", "history.jsonl", "scores")
+
+
+def forget_progress(out_dir: Path) -> None:
+    for name in PROGRESS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.info("resume=false: removed %s", path)
 
 
 def resolve_auto_dtypes(cfg: DictConfig) -> None:

@@ -73,6 +73,40 @@ def test_incremental_scoring_equals_full_forwards(rig):
     assert fast.block_passes < naive.block_passes
 
 
+def test_one_off_scoring_resumes_from_the_run_dir(rig, tmp_path):
+    """A killed best-of-N scoring keeps what it scored: the rerun scores only the rest, to the same numbers."""
+    tiny, runner, ds, applier, teacher = rig
+    rng = np.random.default_rng(5)
+    states = ds.space.random_states(rng, 6)
+    batch = sample_minibatch(12, 32, 200, rng)
+
+    def ev(**context):
+        return CandidateEvaluator(runner, teacher, lambda st: applier.apply(ds.to_config(st)), ds.space.unit_block,
+                                  max_batch=4, scores_dir=tmp_path, context=context)
+
+    first = ev(units=ds.space.names)
+    fits = first.score(states, batch, desc="Best of N")
+    log = tmp_path / "scores" / "best_of_n.jsonl"
+    assert first.evaluations == 6 and len(log.read_text().splitlines()) == 6
+    np.testing.assert_allclose(fits, evaluator(rig).score(states, batch), rtol=1e-6)
+
+    lines = log.read_text().splitlines()  # a kill after three candidates, the fourth line half written
+    log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
+    resumed = ev(units=ds.space.names)
+    assert resumed.score(states, batch, desc="Best of N") == fits and resumed.evaluations == 3
+    again = ev(units=ds.space.names)
+    assert again.score(states, batch, desc="Best of N") == fits and again.evaluations == 0
+
+    other_batch = sample_minibatch(12, 32, 100, np.random.default_rng(6))
+    assert ev(units=ds.space.names).score(states[:2], other_batch, desc="Best of N") != fits[:2]
+    other_meaning = ev(units=["something", "else"])  # a state that means other units is not the same candidate
+    other_meaning.score(states[:2], batch, desc="Best of N")
+    assert other_meaning.evaluations == 2
+    plain = evaluator(rig)  # no scores_dir: nothing kept, nothing read
+    plain.score(states, batch, desc="Best of N")
+    assert plain.evaluations == 6
+
+
 def test_dense_state_has_zero_kl_and_drops_hurt(rig):
     _, _, ds, _, _ = rig
     batch = sample_minibatch(12, 32, 128, np.random.default_rng(1))
@@ -177,6 +211,24 @@ def test_cli_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
                 [(h["generation"], h["parent_fitness"], h["parent"]) for h in hist])
 
     assert outcome(out) == outcome(tmp_path / "clean")
+
+
+def test_resume_false_starts_a_search_over(tmp_path):
+    """A run dir with an unfinished search of other settings: resuming is refused, resume=false starts over."""
+    args = ["model=tiny", "method=drop", "search=evopress_cpu", "search.generations=2", "eval.windows=1",
+            "logger=none", "fitness.report_tokens=1024", f"hydra.run.dir={tmp_path}/run"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "run" / "result.json").unlink()  # as if killed after the search
+    assert len((tmp_path / "run" / "scores" / "search_start.jsonl").read_text().splitlines()) == 16
+    other = [*args, "search.offspring=4"]
+    refused = run_cli(*other)
+    assert refused.returncode != 0 and "holds a search with other settings" in refused.stderr
+    again = run_cli(*other, "resume=false")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resume=false: removed" in (tmp_path / "run" / "evoexp.log").read_text()
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [(h["generation"], h["stages"][0]["candidates"]) for h in history] == [(1, 4), (2, 4)]
 
 
 def test_brute_force_and_evopress_agree_on_pair_dropping(rig):

@@ -35,6 +35,9 @@ def test_sparse_search_and_baselines_hold_the_same_number_of_nonzeros(tmp_path):
     assert [json.loads(h)["generation"] for h in history] == [1, 2]
     owl = result["models"]["owl"]
     assert owl["achieved"]["params"] == models["uniform"]["achieved"]["params"]
+    # one-off scorings are kept for a killed run's rerun: a line per model scored
+    report = (tmp_path / "run" / "scores" / "report_fitness.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["fitness"] for line in report) == sorted(m["fitness"] for m in models.values())
 
 
 @pytest.mark.parametrize("target,rule", [(3, "size"), (2.5, "none")])

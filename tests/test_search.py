@@ -22,7 +22,7 @@ class FnEvaluator:
     def __init__(self, fn, noise=0.0):
         self.fn, self.noise, self.calls, self.evaluations = fn, noise, [], 0
 
-    def score(self, states, batch, parent=None):
+    def score(self, states, batch, parent=None, desc=None):
         self.calls.append(([s.copy() for s in states], parent))
         self.evaluations += len(states)
         rng = np.random.default_rng(batch.items[0][0])  # noise depends on the minibatch only, like real data

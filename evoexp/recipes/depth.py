@@ -45,10 +45,12 @@ class DepthPruningRecipe:
         self.applier = DropApplier(adapter)
         apply = lambda st: self.applier.apply(ds.to_config(st))  # noqa: E731
         max_batch = getattr(rc.search, "max_batch", 8)
+        # what a state means, for the one-off scorings kept in the run dir (see CandidateEvaluator)
+        keep = {"scores_dir": self.out_dir, "context": {"model": self.loaded.fingerprint, "units": ds.space.names}}
         evaluator = CandidateEvaluator(runner, teacher, apply, ds.space.unit_block, max_batch,
-                                       getattr(rc.search, "incremental", True))
+                                       getattr(rc.search, "incremental", True), **keep)
         ppl_evaluator = CandidateEvaluator(runner, Teacher(adapter, windows, "ppl"), apply, ds.space.unit_block,
-                                           max_batch)
+                                           max_batch, **keep)
 
         with self.timed("search"):
             t0 = time.time()

@@ -322,11 +322,16 @@ class LayerwiseRecipe:
 
     def state_evaluator(self, lv: LayerLevels, db: Database, max_batch: int = 8, incremental: bool = True):
         return CandidateEvaluator(self.runner, self.teacher, lambda st: self.put_levels(db, lv.layers_of(st)),
-                                  lv.space.unit_block, max_batch, incremental)
+                                  lv.space.unit_block, max_batch, incremental, scores_dir=self.out_dir,
+                                  context={"model": self.loaded.fingerprint, "database": db.key,
+                                           "units": lv.space.names})
 
     def alloc_evaluator(self) -> CandidateEvaluator:
         """Scores Allocation objects (always a full forward: they share no parent)."""
-        return CandidateEvaluator(self.runner, self.teacher, self.put, np.zeros(0), incremental=False)
+        return CandidateEvaluator(self.runner, self.teacher, self.put, np.zeros(0), incremental=False,
+                                  scores_dir=self.out_dir, context={"model": self.loaded.fingerprint},
+                                  key_of=lambda a: stable_hash(None if a is None  # None: the dense model
+                                                               else {"database": a.db.key, "levels": a.levels}))
 
     def numel(self, name: str) -> int:
         return self.adapter.module(name).weight.numel()

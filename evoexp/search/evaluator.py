@@ -3,53 +3,129 @@
 The parent is run once per minibatch and the input of every block is kept; a child differs from the parent
 only from some block on, so its forward starts there from the parent's stored input. The student's logits are
 computed only as far as the fitness needs them (see `Teacher`).
+
+A one-off scoring (one with a `desc`, e.g. best of 64 random, which takes about half an hour on the embedded
+model here) keeps each fitness in the run dir as it is taken, so a killed run scores only what is left.
 """
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from evoexp.blockrun import BlockRunner
 from evoexp.fitness import Minibatch, Teacher
-from evoexp.utils import progress
+from evoexp.utils import append_jsonl, atomic_path, progress, stable_hash
+
+
+def state_key(state) -> str:
+    return stable_hash(np.asarray(state).tolist())
+
+
+class ScoreLog:
+    """Fitnesses of one kind of scoring, one JSON line each, in `path`. A line counts only if its context (what
+    the fitness depends on besides the candidate: batch, fitness kind, what a state means) matches, so a resumed
+    run with other settings rescores instead of reusing numbers that are not its own."""
+
+    def __init__(self, path: Path, context: dict):
+        self.path, self.context = Path(path), stable_hash(context)
+        self.done: dict[str, float] = {}
+        if not self.path.exists():
+            return
+        text = self.path.read_text()
+        good = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            good.append(line)
+            if isinstance(rec, dict) and rec.get("context") == self.context:
+                self.done[rec["key"]] = rec["fitness"]
+        if text and text != "".join(f"{line}\n" for line in good):  # or the next line would be glued to a cut one
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in good))
+
+    def add(self, key: str, fitness: float) -> None:
+        self.done[key] = fitness
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(self.path, {"context": self.context, "key": key, "fitness": fitness})
 
 
 class CandidateEvaluator:
     def __init__(self, runner: BlockRunner, teacher: Teacher, apply: Callable[[np.ndarray], None],
-                 unit_block: np.ndarray, max_batch: int = 8, incremental: bool = True):
+                 unit_block: np.ndarray, max_batch: int = 8, incremental: bool = True,
+                 scores_dir: Path | None = None, context: dict | None = None,
+                 key_of: Callable[[Any], str] = state_key):
+        """`scores_dir` keeps one-off scorings resumable; `context` must then name what a state means to `apply`
+        (e.g. the database its levels index), and `key_of` gives a candidate's stable identity."""
         self.runner, self.teacher, self.apply = runner, teacher, apply
         self.unit_block = np.asarray(unit_block)
         self.max_batch, self.incremental = max_batch, incremental
+        self.scores_dir, self.context, self.key_of = scores_dir, context or {}, key_of
+        self._windows_hash: str | None = None
         self.evaluations = 0
         self.block_passes = 0  # decoder-block forwards (times sequences), the unit of search cost
 
     @torch.inference_mode()
     def score(self, states: list[np.ndarray], batch: Minibatch, parent: np.ndarray | None = None,
               desc: str | None = None) -> list[float]:
-        """Fitness of every state on `batch`; `desc` labels a progress bar (for long one-off scorings, e.g.
-        best of 64 random, not for EvoPress generations, which log a line each)."""
-        device = next(self.teacher.adapter.model.parameters()).device
+        """Fitness of every state on `batch`; `desc` names a one-off scoring (e.g. best of 64 random, not an
+        EvoPress generation, which logs a line and is checkpointed by the search): it shows a progress bar and,
+        with a `scores_dir`, is resumable."""
+        log = self._score_log(desc, batch)
+        known = {} if log is None else {i: log.done[k] for i, k in enumerate(map(self.key_of, states))
+                                        if k in log.done}
+        if len(known) == len(states):
+            return [known[i] for i in range(len(states))]
+        param = next(self.teacher.adapter.model.parameters())
         groups = batch.groups(self.max_batch)
         windows = self.teacher.windows
-        embeds = [self.runner.embed(windows[ids, :n].to(device)) for ids, n in groups]
+        embeds = [self.runner.embed(windows[ids, :n].to(param.device)) for ids, n in groups]
         cache, parent_fit = None, None
         if parent is not None and self.incremental:
             cache = [[] for _ in groups]
             parent_fit = self._forward(parent, groups, embeds, 0, cache)
         out = []
-        for state in states if desc is None else progress(states, desc=desc, unit="cand"):
-            start = 0
-            if cache is not None:
-                changed = np.flatnonzero(state != parent)
-                if changed.size == 0:
-                    out.append(parent_fit)
-                    continue
-                start = int(self.unit_block[changed].min())
-            hidden = [c[start] for c in cache] if cache is not None else embeds
-            out.append(self._forward(state, groups, hidden, start))
+        bar = progress(total=len(states), initial=len(known), desc=desc, unit="cand") if desc else None
+        for i, state in enumerate(states):
+            if i in known:
+                out.append(known[i])
+                continue
+            out.append(self._score_one(state, parent, parent_fit, groups, embeds, cache))
+            if log is not None:
+                log.add(self.key_of(state), out[-1])
+            if bar is not None:
+                bar.update()
+        if bar is not None:
+            bar.close()
         return out
+
+    def _score_log(self, desc: str | None, batch: Minibatch) -> ScoreLog | None:
+        if desc is None or self.scores_dir is None:
+            return None
+        if self._windows_hash is None:  # the calibration text: a resumed run may have been given other data
+            self._windows_hash = hashlib.sha256(self.teacher.windows.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        param = next(self.teacher.adapter.model.parameters())
+        context = {**self.context, "windows": self._windows_hash, "batch": batch.items, "fitness": self.teacher.kind, "topk": self.teacher.topk,
+                   "max_batch": self.max_batch, "dtype": str(param.dtype)}
+        name = re.sub(r"[^a-z0-9]+", "_", desc.lower()).strip("_")
+        return ScoreLog(Path(self.scores_dir) / "scores" / f"{name}.jsonl", context)
+
+    def _score_one(self, state, parent, parent_fit, groups, embeds, cache) -> float:
+        start = 0
+        if cache is not None:
+            changed = np.flatnonzero(state != parent)
+            if changed.size == 0:
+                return parent_fit
+            start = int(self.unit_block[changed].min())
+        hidden = [c[start] for c in cache] if cache is not None else embeds
+        return self._forward(state, groups, hidden, start)
 
     def _forward(self, state, groups, inputs, start: int, keep_inputs: list | None = None) -> float:
         self.apply(state)

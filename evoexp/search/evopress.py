@@ -137,7 +137,8 @@ class EvoPress:
             fit = self.evaluator.score([parent], self.sample(self.s.init_tokens, rng))[0]
         elif self.s.init == "random":
             cands = self.space.random_states(rng, self.s.init_candidates, self.s.max_tries)
-            fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng))
+            # a one-off scoring (init_candidates forwards before the first checkpoint): resumable, with a bar
+            fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng), desc="search start")
             best = int(np.argmin(fits))
             parent, fit = cands[best], float(fits[best])
         else:
