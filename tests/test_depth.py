@@ -73,7 +73,7 @@ def test_incremental_scoring_equals_full_forwards(rig):
     assert fast.block_passes < naive.block_passes
 
 
-def test_one_off_scoring_resumes_from_the_run_dir(rig, tmp_path):
+def test_one_off_scoring_resumes_from_the_run_dir(rig, tmp_path, caplog):
     """A killed best-of-N scoring keeps what it scored: the rerun scores only the rest, to the same numbers."""
     tiny, runner, ds, applier, teacher = rig
     rng = np.random.default_rng(5)
@@ -93,7 +93,9 @@ def test_one_off_scoring_resumes_from_the_run_dir(rig, tmp_path):
     lines = log.read_text().splitlines()  # a kill after three candidates, the fourth line half written
     log.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])
     resumed = ev(units=ds.space.names)
-    assert resumed.score(states, batch, desc="Best of N") == fits and resumed.evaluations == 3
+    with caplog.at_level("INFO", logger="evoexp.search.evaluator"):
+        assert resumed.score(states, batch, desc="Best of N") == fits and resumed.evaluations == 3
+    assert "Best of N: 3 of 6 candidates were scored by an earlier run" in caplog.text
     again = ev(units=ds.space.names)
     assert again.score(states, batch, desc="Best of N") == fits and again.evaluations == 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,8 @@ import torch
 from evoexp.blockrun import BlockRunner
 from evoexp.fitness import Minibatch, Teacher
 from evoexp.utils import append_jsonl, atomic_path, progress, stable_hash
+
+log = logging.getLogger(__name__)
 
 
 def state_key(state) -> str:
@@ -78,15 +81,18 @@ class CandidateEvaluator:
         """Fitness of every state on `batch`; `desc` names a one-off scoring (e.g. best of 64 random, not an
         EvoPress generation, which logs a line and is checkpointed by the search): it shows a progress bar and,
         with a `scores_dir`, is resumable."""
-        log = self._score_log(desc, batch)
-        known = {} if log is None else {i: log.done[k] for i, k in enumerate(map(self.key_of, states))
-                                        if k in log.done}
+        score_log = self._score_log(desc, batch)
+        known = {} if score_log is None else {i: score_log.done[k] for i, k in enumerate(map(self.key_of, states))
+                                              if k in score_log.done}
+        if known:
+            log.info("%s: %d of %d candidates were scored by an earlier run (%s)", desc, len(known), len(states),
+                     score_log.path)
         if len(known) == len(states):
             return [known[i] for i in range(len(states))]
-        param = next(self.teacher.adapter.model.parameters())
+        device = next(self.teacher.adapter.model.parameters()).device
         groups = batch.groups(self.max_batch)
         windows = self.teacher.windows
-        embeds = [self.runner.embed(windows[ids, :n].to(param.device)) for ids, n in groups]
+        embeds = [self.runner.embed(windows[ids, :n].to(device)) for ids, n in groups]
         cache, parent_fit = None, None
         if parent is not None and self.incremental:
             cache = [[] for _ in groups]
@@ -98,8 +104,8 @@ class CandidateEvaluator:
                 out.append(known[i])
                 continue
             out.append(self._score_one(state, parent, parent_fit, groups, embeds, cache))
-            if log is not None:
-                log.add(self.key_of(state), out[-1])
+            if score_log is not None:
+                score_log.add(self.key_of(state), out[-1])
             if bar is not None:
                 bar.update()
         if bar is not None:
