@@ -54,6 +54,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
             return result.get("objective")
     if not rc.resume:
         forget_progress(out_dir)
+    check_progress(out_dir, config)
     tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=getattr(rc.method, "kind", None))
     failed = out_dir / "FAILED"
     with tracker:
@@ -75,6 +76,24 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
 # What a killed job leaves for its rerun to go on from (the zero-shot request cache has its own
 # eval.zeroshot.resume); resume=false removes it, so the job starts over and is itself resumable again.
 PROGRESS = ("search_state.json", "history.jsonl", "scores")
+
+
+# An unfinished job's progress holds for a rerun unless a setting it was computed with has changed; how the
+# result is evaluated or exported does not change the search, so it may be changed before resuming.
+PROGRESS_NEUTRAL = ("eval.", "export.")
+
+
+def check_progress(out_dir: Path, config: dict) -> None:
+    """Refuse to resume progress made with other settings (it would be passed off as this run's), then record
+    the settings the progress from now on is made with."""
+    record = out_dir / "progress_config.json"
+    if record.exists() and any((out_dir / name).exists() for name in PROGRESS):
+        changed = [c for c in config_changes(read_json(record), config) if not c.startswith(PROGRESS_NEUTRAL)]
+        if changed:
+            raise UserError(f"{out_dir}: holds an unfinished run with other settings ({'; '.join(changed[:3])}"
+                            f"{'; ...' if len(changed) > 3 else ''}); resume=false starts it over here, or choose "
+                            "another hydra.run.dir")
+    write_json(record, config)
 
 
 def forget_progress(out_dir: Path) -> None:

@@ -223,9 +223,12 @@ def test_resume_false_starts_a_search_over(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     (tmp_path / "run" / "result.json").unlink()  # as if killed after the search
     assert len((tmp_path / "run" / "scores" / "search_start.jsonl").read_text().splitlines()) == 16
-    other = [*args, "search.offspring=4"]
+    refused = run_cli(*args, "data.calib_windows=64")  # a search on other data is not this one's to go on with
+    assert refused.returncode != 0
+    assert "holds an unfinished run with other settings (data.calib_windows=" in refused.stderr
+    other = [*args, "search.offspring=4", "eval.windows=2"]  # evaluation settings alone would not stop it
     refused = run_cli(*other)
-    assert refused.returncode != 0 and "holds a search with other settings" in refused.stderr
+    assert refused.returncode != 0 and "search.offspring=" in refused.stderr and "eval.windows" not in refused.stderr
     again = run_cli(*other, "resume=false")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resume=false: removed" in (tmp_path / "run" / "evoexp.log").read_text()
