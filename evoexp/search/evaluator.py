@@ -82,8 +82,8 @@ class CandidateEvaluator:
         EvoPress generation, which logs a line and is checkpointed by the search): it shows a progress bar and,
         with a `scores_dir`, is resumable."""
         score_log = self._score_log(desc, batch)
-        known = {} if score_log is None else {i: score_log.done[k] for i, k in enumerate(map(self.key_of, states))
-                                              if k in score_log.done}
+        keys = [self.key_of(state) for state in states] if score_log is not None else []
+        known = {i: score_log.done[k] for i, k in enumerate(keys) if k in score_log.done}
         if known:
             log.info("%s: %d of %d candidates were scored by an earlier run (%s)", desc, len(known), len(states),
                      score_log.path)
@@ -105,7 +105,7 @@ class CandidateEvaluator:
                 continue
             out.append(self._score_one(state, parent, parent_fit, groups, embeds, cache))
             if score_log is not None:
-                score_log.add(self.key_of(state), out[-1])
+                score_log.add(keys[i], out[-1])
             if bar is not None:
                 bar.update()
         if bar is not None:
@@ -115,11 +115,12 @@ class CandidateEvaluator:
     def _score_log(self, desc: str | None, batch: Minibatch) -> ScoreLog | None:
         if desc is None or self.scores_dir is None:
             return None
-        if self._windows_hash is None:  # the calibration text: a resumed run may have been given other data
-            self._windows_hash = hashlib.sha256(self.teacher.windows.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-        param = next(self.teacher.adapter.model.parameters())
-        context = {**self.context, "windows": self._windows_hash, "batch": batch.items, "fitness": self.teacher.kind, "topk": self.teacher.topk,
-                   "max_batch": self.max_batch, "dtype": str(param.dtype)}
+        if self._windows_hash is None:  # the calibration tokens, hashed once: a data file may change under its name
+            tokens = self.teacher.windows.cpu().contiguous().numpy().tobytes()
+            self._windows_hash = hashlib.sha256(tokens).hexdigest()[:16]
+        dtype = next(self.teacher.adapter.model.parameters()).dtype
+        context = {**self.context, "windows": self._windows_hash, "batch": batch.items, "dtype": str(dtype),
+                   "fitness": self.teacher.kind, "topk": self.teacher.topk, "max_batch": self.max_batch}
         name = re.sub(r"[^a-z0-9]+", "_", desc.lower()).strip("_")
         return ScoreLog(Path(self.scores_dir) / "scores" / f"{name}.jsonl", context)
 
