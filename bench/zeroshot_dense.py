@@ -6,8 +6,8 @@ dtype, batch size and seeds; they differ only in how the model reaches the harne
 `evoexp method=dense search=none eval=zeroshot` (the model object wrapped in HFLM); "disk" is
 `HFLM(pretrained=<the converted checkpoint dir>)`, as a user of the harness's CLI would load it. Every task's
 result is written when it finishes, and both sides keep every answered request (the harness's response cache), so
-a killed run resumes inside the task it was on. A resumed side's time is extrapolated from its last segment. Prints a Markdown table
-of acc / acc_norm per task, both sides, and each side's wall time.
+a killed run resumes inside the task it was on. A resumed side's time is extrapolated from its last segment (a
+lower bound). Prints a Markdown table of acc / acc_norm per task, both sides, and each side's wall time.
 
 A task too long for one sitting (HellaSwag: 40,168 requests, hours per side on 2 cores) runs in parts:
 `--part i/n` scores the i-th of n contiguous parts of each task's documents on both sides, side by side on the
@@ -107,7 +107,7 @@ def print_parts(task: str, args) -> None:
         i, n = k["part"].split("/")
         print(f"| {i} of {n} | {ids[0]:,}–{ids[-1]:,} | {'+'.join(k['cpu_flags']) or '?'}, {k['dtype']} | "
               + " | ".join(f"{mem[m]:.4f} / {disk[m]:.4f}" for m in METRICS if m in mem)
-              + f" | {same:,} of {len(ids):,} | {mem['seconds']:,.0f} s / {disk['seconds']:,.0f} s |")
+              + f" | {same:,} of {len(ids):,} | {wall_time(mem)} / {wall_time(disk)} |")
     print()
 
 
@@ -124,8 +124,9 @@ def combined(task: str, args) -> tuple[dict, dict] | None:
             sides = []
             for side in ("memory", "disk"):
                 whole = combine_parts([k[side] for k in kept])
-                whole["seconds"] = sum(k[side]["seconds"] for k in kept)
-                whole["time"] = f"{whole['seconds']:.0f} s ({n} parts)"
+                times = [estimated_seconds(k[side]) for k in kept]
+                whole["seconds"] = sum(t for t, _ in times)
+                whole["time"] = f"{'≥ ' if any(e for _, e in times) else ''}{whole['seconds']:,.0f} s ({n} parts)"
                 sides.append(whole)
             same_docs = all(k["memory"]["documents"] == k["disk"]["documents"] for k in kept)
             sides[0]["documents_equal"] = sides[1]["documents_equal"] = same_docs
@@ -171,12 +172,19 @@ def run_from_disk(task: str, args, out: Path) -> None:
                 "requests": answered_requests(requests)})
 
 
-def wall_time(side: dict) -> str:
-    """The side's harness time; a resumed side's is extrapolated from its last segment's rate ("≈")."""
+def estimated_seconds(side: dict) -> tuple[float, bool]:
+    """The side's harness time and whether it is an estimate. A resumed side's is extrapolated from its last
+    segment's rate; the harness answers the longest requests first, so the left-over ones were the quickest and
+    the figure is a lower bound ("≥")."""
     if not side.get("resumed_requests"):
-        return f"{side['seconds']:.0f} s"
+        return side["seconds"], False
     share = 1 - side["resumed_requests"] / side["requests"] if side.get("requests") else 0
-    return f"≈ {side['seconds'] / share:.0f} s" if share > 0 else f"{side['seconds']:.0f} s + resumed"
+    return (side["seconds"] / share, True) if share > 0 else (side["seconds"], True)
+
+
+def wall_time(side: dict) -> str:
+    seconds, estimate = estimated_seconds(side)
+    return f"≥ {seconds:,.0f} s" if estimate else f"{seconds:,.0f} s"
 
 
 def main():
