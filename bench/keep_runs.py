@@ -1,11 +1,15 @@
-"""Copy the finished runs of a sweep (or any tree of run dirs) to another tree: into the repo, so a sweep too long
-for one session keeps its finished jobs, and back into `outputs/`, so the re-launched sweep skips them.
+"""Copy the runs of a sweep (or any tree of run dirs) to another tree: into the repo, so a sweep too long for one
+session keeps its work, and back into `outputs/`, so the re-launched sweep skips the finished jobs and resumes
+the unfinished ones where they stopped.
 
-A run is finished when its `result.json` says so. Its small files are copied (result, config, allocation,
-history, figures, log; nothing over --max-mb, no response caches), with their paths relative to SRC; a run
-already finished in DEST is left alone. Databases live in the cache and are not part of a run. evoexp refuses
-to report a kept run whose settings differ from the re-launched job's (e.g. `dtype=auto` resolved to another
-dtype on another CPU), so a table never mixes them silently.
+A run is finished when its `result.json` says so; it is unfinished when it holds progress (`search_state.json`,
+`history.jsonl` or `scores/`, with the `progress_config.json` they were made under). Its small files are copied
+(result, config, allocation, history, scores, search state, figures, log; nothing over --max-mb, no response
+caches), with their paths relative to SRC. A run finished in DEST is left alone; an unfinished one is replaced only
+by a finished run or by one further on (more history and score lines), so copying the wrong way round loses
+nothing. Each run dir is written whole beside its target and then swapped in. Databases live in the cache and are
+not part of a run. evoexp refuses to report or resume a kept run whose settings differ from the re-launched job's
+(e.g. `dtype=auto` resolved to another dtype on another CPU), so a table never mixes them silently.
 Usage: .venv/bin/python bench/keep_runs.py outputs/sweeps/cpu_depth_table bench/results/sweeps/cpu_depth_table
        .venv/bin/python bench/keep_runs.py bench/results/sweeps/cpu_depth_table outputs/sweeps/cpu_depth_table
 """
@@ -17,6 +21,7 @@ import shutil
 from pathlib import Path
 
 SKIP_DIRS = {"zeroshot_requests"}
+PROGRESS = ("search_state.json", "history.jsonl", "scores")  # as evoexp.run.PROGRESS
 
 
 def finished(run: Path) -> bool:
@@ -26,24 +31,57 @@ def finished(run: Path) -> bool:
         return False
 
 
-def keep(src: Path, dest: Path, max_bytes: int) -> tuple[int, int]:
-    copied = present = 0
-    for result in sorted(src.rglob("result.json")):
-        run = result.parent
-        if not finished(run):
-            continue
+def unfinished(run: Path) -> bool:
+    return (not finished(run) and (run / "progress_config.json").is_file()
+            and any((run / name).exists() for name in PROGRESS))
+
+
+def progress(run: Path) -> int:
+    """How far an unfinished run got: its generations and scored candidates (one line each)."""
+    files = [run / "history.jsonl", *sorted((run / "scores").glob("*.jsonl"))]
+    return sum(f.read_bytes().count(b"\n") for f in files if f.is_file())
+
+
+def runs(src: Path) -> list[Path]:
+    """Every run dir under src: those with a result, a config record or progress."""
+    marks = ("result.json", "progress_config.json")
+    return sorted({f.parent for mark in marks for f in src.rglob(mark)})
+
+
+def copy_run(run: Path, target: Path, max_bytes: int) -> None:
+    """Write the run's small files into a fresh dir beside target, then swap it in (no half-copied run)."""
+    fresh, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    for d in (fresh, old):
+        shutil.rmtree(d, ignore_errors=True)
+    for f in sorted(run.rglob("*")):
+        rel = f.relative_to(run)
+        if f.is_file() and not SKIP_DIRS & set(rel.parts) and f.stat().st_size <= max_bytes:
+            (fresh / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, fresh / rel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def keep(src: Path, dest: Path, max_bytes: int) -> dict[str, int]:
+    counts = {"finished": 0, "unfinished": 0, "already there": 0}
+    for run in runs(src):
         target = dest / run.relative_to(src)
-        if finished(target):
-            present += 1
-            continue
-        for f in sorted(run.rglob("*"), key=lambda f: f.name == "result.json"):  # result last: it marks done
-            rel = f.relative_to(run)
-            if f.is_file() and not SKIP_DIRS & set(rel.parts) and f.stat().st_size <= max_bytes:
-                (target / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, target / rel.parent / (rel.name + ".tmp"))
-                (target / rel.parent / (rel.name + ".tmp")).rename(target / rel)
-        copied += 1
-    return copied, present
+        if finished(run):
+            kind, wanted = "finished", not finished(target)
+        elif unfinished(run):
+            kind, wanted = "unfinished", not finished(target) and (not unfinished(target)
+                                                                   or progress(run) > progress(target))
+        else:
+            continue  # started but nothing to resume: the re-launched job starts it again anyway
+        if wanted:
+            copy_run(run, target, max_bytes)
+            counts[kind] += 1
+        else:
+            counts["already there"] += 1
+    return counts
 
 
 def main():
@@ -54,8 +92,9 @@ def main():
     args = ap.parse_args()
     if not args.src.is_dir():
         raise SystemExit(f"{args.src}: no such directory")
-    copied, present = keep(args.src, args.dest, int(args.max_mb * 2**20))
-    print(f"{copied} finished runs copied to {args.dest}, {present} already there")
+    counts = keep(args.src, args.dest, int(args.max_mb * 2**20))
+    print(f"copied to {args.dest}: {counts['finished']} finished runs, {counts['unfinished']} unfinished runs "
+          f"(with their progress); {counts['already there']} as far or further there already")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Depth pruning on the tiny model: level spaces, candidate evaluation, baselines and the CLI commands."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -171,8 +172,20 @@ def test_cli_depth_commands(tmp_path, search):
         assert [h["generation"] for h in history] == [1, 2]
 
 
+def load_keep_runs():
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("keep_runs", ROOT / "bench" / "keep_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_cli_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
-    """SIGKILL a tiny search mid-run, rerun the same command: same allocation and history as a clean run."""
+    """SIGKILL a tiny search mid-run, keep its run dir elsewhere and bring it back, rerun the same command: same
+    allocation and history as a clean run."""
     import os
     import signal
     import subprocess
@@ -202,6 +215,11 @@ def test_cli_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (history.parent / "result.json").exists()
+    # carried through bench/keep_runs.py and back into a fresh outputs tree, as between two sessions
+    keep = load_keep_runs().keep
+    assert keep(out, tmp_path / "kept", 2**20)["unfinished"] == 1
+    shutil.rmtree(out)
+    assert keep(tmp_path / "kept", out, 2**20)["unfinished"] == 1
     resumed = run_cli(*args, env={"EVOEXP_OUT": str(out)})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming search at generation" in resumed.stdout + resumed.stderr
