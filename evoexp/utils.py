@@ -49,6 +49,37 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+class KeyedLog:
+    """Values computed one at a time and kept as JSON lines in `path` ({"context", "key", <field>}), so a killed
+    run redoes only what is missing. A line counts only if its context (what the value depends on besides its
+    key: data, settings, what a state means) matches, so a resumed run with other settings recomputes instead of
+    reusing numbers that are not its own. A cut last line is dropped."""
+
+    def __init__(self, path: str | os.PathLike, context: Any, field: str = "value"):
+        self.path, self.context, self.field = Path(path), stable_hash(context), field
+        self.done: dict[str, Any] = {}
+        if not self.path.exists():
+            return
+        text = self.path.read_text()
+        good = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            good.append(line)
+            if isinstance(rec, dict) and rec.get("context") == self.context and field in rec:
+                self.done[rec["key"]] = rec[field]
+        if text and text != "".join(f"{line}\n" for line in good):  # or the next line would be glued to a cut one
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(f"{line}\n" for line in good))
+
+    def add(self, key: str, value: Any) -> None:
+        self.done[key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        append_jsonl(self.path, {"context": self.context, "key": key, self.field: value})
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -254,6 +254,34 @@ def test_resume_false_starts_a_search_over(tmp_path):
     assert [(h["generation"], h["stages"][0]["candidates"]) for h in history] == [(1, 4), (2, 4)]
 
 
+def test_a_run_killed_after_its_search_redoes_no_finished_work(tmp_path):
+    """Killed among the final evaluations: the rerun takes the search, the references' scorings, the report
+    fitnesses and the finished PPL figures from the run dir, and reports the same numbers."""
+    args = ["model=tiny", "method=drop", "search=evopress_cpu", "search.generations=2", "eval.windows=2",
+            "logger=none", "fitness.report_tokens=1024", "search.references=[shortgpt,shortened_llama]",
+            f"hydra.run.dir={tmp_path}/run"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "run"
+    before = json.loads((run / "result.json").read_text())
+    (run / "result.json").unlink()
+    kept = (run / "scores" / "eval_ppl.jsonl").read_text().splitlines()
+    assert len(kept) == 3  # found, shortgpt, shortened_llama (dense: the dense cache)
+    (run / "scores" / "eval_ppl.jsonl").write_text("\n".join(kept[:2]) + "\n")  # killed during the third
+    log_before = (run / "evoexp.log").read_text()
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = (run / "evoexp.log").read_text()[len(log_before):]
+    assert "resuming search at generation 2" in log
+    assert log.count("computed by an earlier run") == 2 and "report fitness: 4 of 4 candidates" in log
+    after = json.loads((run / "result.json").read_text())
+    assert set(after["models"]) == {"dense", "evopress", "shortgpt", "shortened_llama"}
+    for name, entry in before["models"].items():
+        assert after["models"][name]["fitness"] == entry["fitness"]
+        assert after["models"][name]["ppl"]["wikitext2:test"]["float32"]["ppl"] == \
+            entry["ppl"]["wikitext2:test"]["float32"]["ppl"]
+
+
 def test_brute_force_and_evopress_agree_on_pair_dropping(rig):
     """Like the paper's Figure 1 (pairs of blocks), on the tiny model: EvoPress reaches the brute-force optimum."""
     from evoexp.methods.depth import brute_force

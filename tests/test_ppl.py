@@ -50,6 +50,24 @@ def test_dense_cache(tiny, tmp_path, monkeypatch):
     assert not evaluate_ppl(tiny, cfg, "float32", dense=False)["wikitext2:test"]["float32"]["cached"]
 
 
+def test_figures_kept_in_the_run_dir_are_not_computed_again(tiny, tmp_path, monkeypatch):
+    """A run killed among its evaluations: the rerun reads the figures it already has, per state and dtype."""
+    monkeypatch.setenv("EVOEXP_CACHE", str(tmp_path / "cache"))
+    cfg = EvalCfg(datasets=["wikitext2:test"], seq_len=64, windows=2, dtypes=[DType.float32, DType.bfloat16])
+    run = tmp_path / "run"
+    first = evaluate_ppl(tiny, cfg, "float32", dense=False, run_dir=run, state_id=["drop", 3])["wikitext2:test"]
+    assert len((run / "scores" / "eval_ppl.jsonl").read_text().splitlines()) == 2
+    again = evaluate_ppl(tiny, cfg, "float32", dense=False, run_dir=run, state_id=["drop", 3])["wikitext2:test"]
+    assert again["float32"]["resumed"] and again["bfloat16"]["resumed"]
+    assert [again[d]["ppl"] for d in ("float32", "bfloat16")] == [first[d]["ppl"] for d in ("float32", "bfloat16")]
+    other = evaluate_ppl(tiny, cfg, "float32", dense=False, run_dir=run, state_id=["drop", 4])["wikitext2:test"]
+    assert "resumed" not in other["float32"]  # another model state is another figure
+    cfg.windows = 3  # and so is another protocol
+    assert "resumed" not in evaluate_ppl(tiny, cfg, "float32", dense=False, run_dir=run,
+                                         state_id=["drop", 3])["wikitext2:test"]["float32"]
+    assert len((run / "scores" / "eval_ppl.jsonl").read_text().splitlines()) == 6
+
+
 @pytest.mark.embedded
 def test_embedded_ppl_matches_transformers(embedded):
     stream = load_tokens("wikitext2:test", embedded.tokenizer)

@@ -5,6 +5,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from evoexp.config import EvalCfg
 from evoexp.data import eval_windows, load_tokens
 from evoexp.models import LoadedModel
-from evoexp.utils import cache_root, progress, read_json, stable_hash, write_json
+from evoexp.utils import KeyedLog, cache_root, progress, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,14 +64,21 @@ def windows_nll(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 1,
     return nll, count
 
 
-def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool) -> dict:
+def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool, run_dir: Path | None = None,
+                 state_id: object = None) -> dict:
     """PPL of every `cfg.datasets` source in every `cfg.dtypes` (default: the run's dtype).
 
     With `dense` and `cfg.cache_dense`, figures are read from / written to the dense cache keyed by the model
-    fingerprint and the full protocol, so each (model, protocol) is computed once.
+    fingerprint and the full protocol, so each (model, protocol) is computed once. With a `run_dir` and a
+    `state_id` (what identifies the model state, e.g. the sub-blocks dropped), each figure is also kept in
+    `<run_dir>/scores/eval_ppl.jsonl`, so a run killed among its evaluations redoes only those not finished.
     """
     results: dict = {}
     dtypes = [d.value if hasattr(d, "value") else str(d) for d in cfg.dtypes] or [run_dtype]
+    kept = None
+    if run_dir is not None and state_id is not None:
+        kept = KeyedLog(Path(run_dir) / "scores" / "eval_ppl.jsonl", {"model": loaded.fingerprint, "v": PPL_VERSION},
+                        field="ppl")
     for spec in cfg.datasets:
         stream = load_tokens(spec, loaded.tokenizer)
         windows, proto = eval_windows(stream, loaded.tokenizer, cfg.seq_len, cfg.windows, cfg.bos)
@@ -83,6 +91,12 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool)
                 entry[dtype] = {**read_json(cache_file), "cached": True}
                 log.info("%s %s: dense PPL %.4f (cached)", spec, dtype, entry[dtype]["ppl"])
                 continue
+            kept_key = stable_hash({"figure": key, "state": state_id})
+            if kept is not None and kept_key in kept.done:
+                entry[dtype] = {**kept.done[kept_key], "cached": False, "resumed": True}
+                log.info("%s %s: PPL %.4f (computed by an earlier run: %s)", spec, dtype, entry[dtype]["ppl"],
+                         kept.path)
+                continue
             t0 = time.time()
             with parameters_as(loaded.model, DTYPES[dtype]):
                 nll, count = windows_nll(loaded, windows, cfg.batch_size, desc=f"ppl {spec} {dtype}")
@@ -93,6 +107,8 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool)
             if dense and cfg.cache_dense:
                 write_json(cache_file, {**figures, "model": loaded.fingerprint, "protocol": proto.as_dict(),
                                         "dtype": dtype})
+            if kept is not None:
+                kept.add(kept_key, figures)
             entry[dtype] = {**figures, "cached": False}
         results[spec] = entry
     return results

@@ -138,7 +138,8 @@ class DepthPruningRecipe:
             self.applier.apply(cfg)
             if rc.eval.ppl and rc.eval.datasets:
                 with self.timed(f"eval_ppl_{name}"):
-                    entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=name == "dense")
+                    entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=name == "dense",
+                                               run_dir=self.out_dir, state_id=entry["lines"])
             if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
                 with self.timed(f"eval_zeroshot_{name}"):
                     entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,

@@ -453,18 +453,20 @@ class LayerwiseRecipe:
         for name, alloc in allocations.items():
             self.put(alloc)
             entry = {**fits.get(name, {})}
+            state_id = None if alloc is None else [alloc.db.key, alloc.levels]  # what the model holds
             if alloc is not None:
                 entry["achieved"] = measure(self.adapter, alloc)
                 entry["summary"] = summary(rc.method.kind, entry["achieved"], len(alloc.levels))
                 entry["per_block"] = per_block(self.layers, alloc.values())
             if rc.eval.ppl and rc.eval.datasets:
                 with self.timed(f"eval_ppl_{name}"):
-                    entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=alloc is None)
+                    entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=alloc is None,
+                                                run_dir=self.out_dir, state_id=state_id or "dense")
             if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
                 with self.timed(f"eval_zeroshot_{name}"):
                     entry["zeroshot"] = evaluate_zeroshot(
                         self.loaded, rc.eval.zeroshot, rc.dtype.value, dense=alloc is None, run_dir=self.out_dir,
-                        state=name, state_id=None if alloc is None else [alloc.db.key, alloc.levels])
+                        state=name, state_id=state_id)
             models[name] = entry
         return models
 

@@ -10,7 +10,6 @@ model here) keeps each fitness in the run dir as it is taken, so a killed run sc
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -21,43 +20,13 @@ import torch
 
 from evoexp.blockrun import BlockRunner
 from evoexp.fitness import Minibatch, Teacher
-from evoexp.utils import append_jsonl, atomic_path, progress, stable_hash
+from evoexp.utils import KeyedLog, progress, stable_hash
 
 log = logging.getLogger(__name__)
 
 
 def state_key(state) -> str:
     return stable_hash(np.asarray(state).tolist())
-
-
-class ScoreLog:
-    """Fitnesses of one kind of scoring, one JSON line each, in `path`. A line counts only if its context (what
-    the fitness depends on besides the candidate: batch, fitness kind, what a state means) matches, so a resumed
-    run with other settings rescores instead of reusing numbers that are not its own."""
-
-    def __init__(self, path: Path, context: dict):
-        self.path, self.context = Path(path), stable_hash(context)
-        self.done: dict[str, float] = {}
-        if not self.path.exists():
-            return
-        text = self.path.read_text()
-        good = []
-        for line in text.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                continue
-            good.append(line)
-            if isinstance(rec, dict) and rec.get("context") == self.context:
-                self.done[rec["key"]] = rec["fitness"]
-        if text and text != "".join(f"{line}\n" for line in good):  # or the next line would be glued to a cut one
-            with atomic_path(self.path) as tmp:
-                tmp.write_text("".join(f"{line}\n" for line in good))
-
-    def add(self, key: str, fitness: float) -> None:
-        self.done[key] = fitness
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        append_jsonl(self.path, {"context": self.context, "key": key, "fitness": fitness})
 
 
 class CandidateEvaluator:
@@ -112,7 +81,7 @@ class CandidateEvaluator:
             bar.close()
         return out
 
-    def _score_log(self, desc: str | None, batch: Minibatch) -> ScoreLog | None:
+    def _score_log(self, desc: str | None, batch: Minibatch) -> KeyedLog | None:
         if desc is None or self.scores_dir is None:
             return None
         if self._windows_hash is None:  # the calibration tokens, hashed once: a data file may change under its name
@@ -122,7 +91,7 @@ class CandidateEvaluator:
         context = {**self.context, "windows": self._windows_hash, "batch": batch.items, "dtype": str(dtype),
                    "fitness": self.teacher.kind, "topk": self.teacher.topk, "max_batch": self.max_batch}
         name = re.sub(r"[^a-z0-9]+", "_", desc.lower()).strip("_")
-        return ScoreLog(Path(self.scores_dir) / "scores" / f"{name}.jsonl", context)
+        return KeyedLog(Path(self.scores_dir) / "scores" / f"{name}.jsonl", context, field="fitness")
 
     def _score_one(self, state, parent, parent_fit, groups, embeds, cache) -> float:
         start = 0
