@@ -45,7 +45,8 @@ def progress(run: Path) -> int:
 def runs(src: Path) -> list[Path]:
     """Every run dir under src: those with a result, a config record or progress."""
     marks = ("result.json", "progress_config.json")
-    return sorted({f.parent for mark in marks for f in src.rglob(mark)})
+    found = {f.parent for mark in marks for f in src.rglob(mark)}
+    return sorted(r for r in found if not r.name.endswith((".tmp", ".old")))  # not a copy cut short by a kill
 
 
 def copy_run(run: Path, target: Path, max_bytes: int) -> None:

@@ -39,6 +39,7 @@ def test_finished_and_unfinished_runs_are_kept_with_their_progress(tmp_path):
     (src / "seed=2" / ".hydra").mkdir(parents=True)  # started, nothing to resume yet
     (src / "seed=3").mkdir()
     (src / "seed=3" / "progress_config.json").write_text("{}")
+    make_run(src, "seed=4.tmp", generations=2)  # what a killed copy leaves behind
     counts = keep_runs.keep(src, dest, 2**20)
     assert counts == {"finished": 1, "unfinished": 1, "already there": 0}
     assert sorted(p.name for p in dest.iterdir()) == ["seed=0", "seed=1"]
@@ -46,7 +47,7 @@ def test_finished_and_unfinished_runs_are_kept_with_their_progress(tmp_path):
                                       "search_state.json", "scores/search start.jsonl"}
     assert (dest / "seed=1" / "history.jsonl").read_text() == (src / "seed=1" / "history.jsonl").read_text()
     assert keep_runs.finished(dest / "seed=0") and keep_runs.progress(dest / "seed=1") == 4 + 16
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.old"))
+    assert not list(dest.rglob("*.tmp")) and not list(dest.rglob("*.old"))
 
 
 def test_a_run_further_on_is_never_replaced_by_one_behind(tmp_path):
