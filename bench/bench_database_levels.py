@@ -18,7 +18,8 @@ import torch
 from evoexp.config import GPTQCfg, ModelCfg, SparseGPTCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.database import Database, DatabaseSpec, build_database
-from evoexp.methods.layerwise import resolve_propagation, units
+from evoexp.database.provision import resolve_propagation
+from evoexp.methods.layerwise import units
 from evoexp.models import load_model
 
 CASES = {

@@ -22,7 +22,7 @@ def main():
     args = ap.parse_args()
     from evoexp.config import ModelCfg
     from evoexp.models import load_model, resolve_dtype
-    from evoexp.models.loading import _cpu_flags
+    from evoexp.models.loading import cpu_flags
 
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -38,7 +38,7 @@ def main():
                 t0 = time.perf_counter()
                 loaded.adapter.logits(loaded.adapter.hidden_states(ids))
                 best[dtype] = min(best.get(dtype, float("inf")), time.perf_counter() - t0)
-    flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & _cpu_flags())
+    flags = sorted({"avx2", "avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())
     print(f"CPU flags: {' '.join(flags) or 'none read'}; torch {torch.__version__} "
           f"({torch.backends.cpu.get_cpu_capability()}); {args.threads} threads; {args.tokens} tokens per forward\n")
     print("| dtype | tokens / s | vs fp32 |\n|---|---|---|")

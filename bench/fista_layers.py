@@ -22,7 +22,7 @@ from evoexp.blockrun import BlockRunner  # noqa: E402
 from evoexp.config import ModelCfg  # noqa: E402
 from evoexp.data import calibration_windows, load_tokens  # noqa: E402
 from evoexp.models import load_model  # noqa: E402
-from evoexp.solvers.capture import _group_input  # noqa: E402
+from evoexp.solvers.capture import group_input  # noqa: E402
 from evoexp.solvers.fista import Fista, FistaSettings, PairedGram  # noqa: E402
 
 DEFAULT = FistaSettings()
@@ -76,8 +76,8 @@ def main() -> None:
                     for group in ad.input_groups(b):
                         gram = PairedGram(group[0].in_features)
                         for h in hidden:
-                            x = _group_input(runner, ad, group[0].name, h, b, {})
-                            gram.add_batch(x, _group_input(runner, ad, group[0].name, h, b, pruned) if pruned else None)
+                            x = group_input(runner, ad, group[0].name, h, b, {})
+                            gram.add_batch(x, group_input(runner, ad, group[0].name, h, b, pruned) if pruned else None)
                         for li in group:
                             W = ad.module(li.name).weight.data
                             t0 = time.time()

@@ -31,10 +31,10 @@ from evoexp.config import GPTQCfg, TinyModelCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.database import Database, DatabaseSpec, LevelApplier, build_database
 from evoexp.methods.export import save_gptq
-from evoexp.methods.layerwise import resolve_propagation
+from evoexp.database.provision import resolve_propagation
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.tiny import byte_tokenizer, tiny_llama
-from evoexp.recipes.layerwise import Allocation
+from evoexp.methods.layerwise import Allocation
 
 # (group size, sym, act_order, bit-widths): every checkpoint format save_gptq writes. 5/6 bits make it gptq_p
 # (planar, 3 bits too); else sym -> gptq (v1 zeros: zero - 1), asym -> gptq_v2. Group 128 of 576 columns leaves a

@@ -78,14 +78,14 @@ def both_sides(task: str, args, out: Path) -> tuple[dict, dict]:
 
 def keep_part(task: str, args, mem: dict, disk: dict) -> None:
     """Both sides' figures and per-document scores of one part, where later sessions find them."""
-    from evoexp.models.loading import _cpu_flags
+    from evoexp.models.loading import cpu_flags
     from evoexp.utils import atomic_path
 
     i, n = args.part.split("/")
     where = Path(args.results) / f"{task}-{args.dtype}-b{args.batch_size}" / f"part-{i}-of-{n}.json"
     record = {"task": task, "part": args.part, "dtype": args.dtype, "batch_size": args.batch_size,
               "threads": args.threads, "together": args.together,
-              "cpu_flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx"))),
+              "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx"))),
               "date": time.strftime("%Y-%m-%d"), "memory": mem, "disk": disk}
     where.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(where) as tmp:  # one line per side: the per-document lists are long
@@ -144,12 +144,12 @@ def run_from_disk(task: str, args, out: Path) -> None:
     from evoexp.config import ModelCfg
     from evoexp.eval.zeroshot import HARNESS_SEEDS, answered_requests, per_document, shard_documents, task_figures
     from evoexp.eval.zeroshot_data import data_dir, tasks_dir
-    from evoexp.models.loading import _embedded_checkpoint
+    from evoexp.models.loading import embedded_checkpoint
     from evoexp.utils import write_json
 
     torch.set_num_threads(args.threads)
     model_cfg = yaml.safe_load((Path(__file__).parents[1] / "conf" / "model" / "smollm2_135m.yaml").read_text())
-    path, fingerprint, _ = _embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
+    path, fingerprint, _ = embedded_checkpoint(ModelCfg(**model_cfg))  # evoexp's default model
     data_dir()
     key = f"{task}-{fingerprint[:12]}-{args.dtype}-b{args.batch_size}-limit{args.limit}{part_name(args.part)}"
     requests = out / "disk" / "requests" / key

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from evoexp.methods.drop import CACHE_KWARGS
-from evoexp.models.adapter import DecoderAdapter
+from evoexp.models.adapter import CACHE_KWARGS, DecoderAdapter
 
 
 class _Stop(Exception):

@@ -11,6 +11,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from evoexp.config import register_configs
+from evoexp.errors import UserError
+from evoexp.run import run_job
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 _DIRNAME_MAX = 200
@@ -62,9 +64,6 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
     from hydra.types import RunMode
 
-    from evoexp.errors import UserError
-    from evoexp.run import run_job
-
     hc = HydraConfig.get()
     try:
         return run_job(cfg, Path(hc.runtime.output_dir))
@@ -79,8 +78,6 @@ def _one_line(ex: BaseException) -> str | None:
     """The message to print for a user mistake, or None for a genuine bug (which keeps its traceback)."""
     from hydra.errors import HydraException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
-
-    from evoexp.errors import UserError
 
     if isinstance(ex, UserError):
         return str(ex)

@@ -70,6 +70,11 @@ def sample_minibatch(num_windows: int, seq_len: int, tokens: int, rng: np.random
     return Minibatch(items)
 
 
+def minibatch(teacher: Teacher, tokens: int, rng: np.random.Generator) -> Minibatch:
+    n, seq = teacher.windows.shape
+    return sample_minibatch(n, seq, tokens, rng)
+
+
 class Teacher:
     """Dense-model targets for every calibration window, and the fitness of student hidden states."""
 

@@ -1,7 +1,8 @@
-"""One evoexp job, top to bottom: load the model, apply the method, evaluate, write the run dir.
+"""One evoexp job, top to bottom: validate the config, load the model, run the method's recipe, write the run dir.
 
 `run_job` is the task wrapper (resume/skip, tracker always finished, FAILED marker); `Job.run` is the
-pipeline itself, kept linear so it reads like the experiment it performs.
+pipeline itself, kept linear so it reads like the experiment it performs. What a method does lives in its
+recipe (`evoexp/recipes/`, chosen by `method.kind` through `recipes/registry.py`); this module knows none.
 """
 from __future__ import annotations
 
@@ -24,9 +25,13 @@ from evoexp import __version__
 from evoexp.config import RunCfg
 from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import Stop, UserError
-from evoexp.eval import check_zeroshot, evaluate_ppl, evaluate_zeroshot, zeroshot_scalars
+from evoexp.eval import check_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, native_bf16, resolve_device, resolve_dtype
-from evoexp.report.table import split_label
+from evoexp.recipes.contract import Recipe, RecipeContext
+from evoexp.recipes.registry import recipe_for
+from evoexp.report.figures import write_figures
+from evoexp.report.results import FinishedRun, read_run
+from evoexp.report.summary import print_summary
 from evoexp.tracking import Tracker
 from evoexp.utils import git_sha, read_json, versions, write_json
 
@@ -50,16 +55,18 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
                                 f"{'; ...' if len(changed) > 3 else ''}); resume=false recomputes it here, or "
                                 "choose another hydra.run.dir")
             log.info("already finished in %s (resume=false recomputes)", out_dir)
-            print_summary(result)
+            print_summary(read_run(result))
             return result.get("objective")
+    device = resolve_device(rc.device.value)
+    recipe_class = validate(rc, device)  # every config mistake stops here, before the run dir or model is touched
     if not rc.resume:
         forget_progress(out_dir)
     check_progress(out_dir, config)
-    tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=getattr(rc.method, "kind", None))
+    tracker = Tracker(rc.logger, out_dir, rc.name, config, list(rc.tags), job_type=rc.method.kind)
     failed = out_dir / "FAILED"
     with tracker:
         try:
-            result = Job(rc, config, out_dir, tracker).run()
+            result = Job(rc, config, out_dir, tracker, device, recipe_class).run()
         except Stop as stop:  # finished by design before the end (e.g. one database shard)
             log.info("%s", stop)
             print(f"evoexp: {stop}")
@@ -69,7 +76,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
             failed.write_text(traceback.format_exc())
             raise
     failed.unlink(missing_ok=True)
-    print_summary(result)
+    print_summary(read_run(result))
     return result.get("objective")
 
 
@@ -151,8 +158,10 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 class Job:
-    def __init__(self, rc: RunCfg, config: dict, out_dir: Path, tracker: Tracker):
+    def __init__(self, rc: RunCfg, config: dict, out_dir: Path, tracker: Tracker, device: torch.device,
+                 recipe_class: type[Recipe]):
         self.rc, self.config, self.out_dir, self.tracker = rc, config, out_dir, tracker
+        self.device, self.recipe_class = device, recipe_class
         self.timings: dict[str, float] = {}
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -161,59 +170,24 @@ class Job:
         seed_everything(rc.seed)
         if rc.threads:
             torch.set_num_threads(rc.threads)
-        device = resolve_device(rc.device.value)
-        check_source(rc.data.calib, "data.calib")
-        for spec in rc.eval.datasets:
-            check_source(spec, "eval.datasets")
-        check_zeroshot(rc.eval.zeroshot)
-        dtype = rc.dtype.value
-        if dtype == "bfloat16" and device.type == "cpu" and not native_bf16(device):
-            log.warning("dtype=bfloat16 on a CPU without native bf16 matmuls (no AVX-512 BF16 / AMX): forwards "
-                        "run several times slower than float32 here; dtype=auto picks float32")
-        if rc.method.kind in ("sparse", "quant"):
-            from evoexp.recipes.layerwise import LayerwiseRecipe
-
-            LayerwiseRecipe.validate(rc)
-
+        device = self.device
         with self.timed("load_model"):
-            loaded = load_model(rc.model, device, TORCH_DTYPES[dtype])
+            loaded = load_model(rc.model, device, TORCH_DTYPES[rc.dtype.value])
         log.info("model %s: %d blocks, %.1fM parameters, %s on %s", loaded.name, loaded.adapter.num_blocks,
-                 loaded.num_params / 1e6, dtype, device)
+                 loaded.num_params / 1e6, rc.dtype.value, device)
         if rc.eval.ppl:  # a protocol the text cannot satisfy should fail now, not after an hour of search
             for spec in rc.eval.datasets:
                 eval_windows(load_tokens(spec, loaded.tokenizer), loaded.tokenizer, rc.eval.seq_len,
                              rc.eval.windows, rc.eval.bos)
-
-        metrics: dict = {}
-        extra: dict = {}
-        if rc.method.kind == "dense":
-            if rc.eval.ppl and rc.eval.datasets:
-                with self.timed("eval_ppl"):
-                    metrics["ppl"] = evaluate_ppl(loaded, rc.eval, dtype, dense=True)
-            if rc.eval.zeroshot.tasks:
-                with self.timed("eval_zeroshot"):
-                    metrics["zeroshot"] = evaluate_zeroshot(loaded, rc.eval.zeroshot, dtype, dense=True,
-                                                            run_dir=self.out_dir)
-        elif rc.method.kind == "drop":
-            from evoexp.recipes.depth import DepthPruningRecipe
-
-            extra = DepthPruningRecipe(rc, loaded, self.out_dir, self.tracker, self.timed).run()
-            metrics["ppl"] = extra.pop("ppl")
-        elif rc.method.kind in ("sparse", "quant"):
-            from evoexp.recipes.layerwise import LayerwiseRecipe
-
-            extra = LayerwiseRecipe(rc, loaded, self.out_dir, self.tracker, self.timed).run()
-            metrics["ppl"] = extra.pop("ppl")
-        else:
-            raise UserError(f"method: unknown kind {rc.method.kind!r}")
-        zeroshot = extra.pop("zeroshot", None)
-        if zeroshot:  # the found model's zero-shot figures (every model's are under "models")
-            metrics["zeroshot"] = zeroshot
+        outcome = self.recipe_class(RecipeContext(rc, loaded, self.out_dir, self.tracker, self.timed)).run()
+        found = outcome.found_model
+        metrics = {"ppl": found.ppl or {}} if found.ppl is not None or outcome.compared else {}
+        if found.zeroshot:  # the found model's zero-shot figures (every model's are under "models")
+            metrics["zeroshot"] = found.zeroshot
         scalars = ppl_scalars(metrics.get("ppl", {}))
         if "zeroshot" in metrics:
             scalars.update(zeroshot_scalars(metrics["zeroshot"]))
         self.tracker.summary({"eval": scalars})
-
         result = {
             "status": "done",
             "name": rc.name,
@@ -224,25 +198,23 @@ class Job:
             "git_sha": git_sha(),
             "versions": versions(),
             "model": {"name": loaded.name, "source": loaded.source, "fingerprint": loaded.fingerprint,
-                      "parameters": loaded.num_params, "dtype": dtype, "device": str(device)},
+                      "parameters": loaded.num_params, "dtype": rc.dtype.value, "device": str(device)},
             "method": self.config["method"],
             "timings": self.timings,
             "metrics": metrics,
-            **extra,
+            **outcome.to_json(),
             "objective": first_ppl(metrics.get("ppl", {})),
             "config": self.config,
         }
         write_json(self.out_dir / "result.json", result)
         self.tracker.artifact(self.out_dir / "result.json", f"result-{self.rc.name}", "result")
-        self.figures(result)
+        self.figures(read_run(result))
         return result
 
-    def figures(self, result: dict) -> None:
+    def figures(self, run: FinishedRun) -> None:
         """The paper's figures for this run; a plotting failure is reported, never costs the finished result."""
-        from evoexp.report.figures import write_figures
-
         try:
-            paths = write_figures(result, self.out_dir)
+            paths = write_figures(run)
         except Exception:  # noqa: BLE001 - the result is already on disk; `evoexp-table --figures` redraws
             log.warning("figures failed (result.json is written; `evoexp-table --figures %s` retries)",
                         self.out_dir, exc_info=True)
@@ -258,6 +230,20 @@ class Job:
             yield
         finally:
             self.timings[key] = round(time.time() - t0, 2)
+
+
+def validate(rc: RunCfg, device: torch.device) -> type[Recipe]:
+    """Every check of the config that needs no model: the data sources, zero-shot tasks and the recipe's own."""
+    check_source(rc.data.calib, "data.calib")
+    for spec in rc.eval.datasets:
+        check_source(spec, "eval.datasets")
+    check_zeroshot(rc.eval.zeroshot)
+    recipe_class = recipe_for(rc.method.kind)
+    recipe_class.validate(rc)
+    if rc.dtype.value == "bfloat16" and device.type == "cpu" and not native_bf16(device):
+        log.warning("dtype=bfloat16 on a CPU without native bf16 matmuls (no AVX-512 BF16 / AMX): forwards "
+                    "run several times slower than float32 here; dtype=auto picks float32")
+    return recipe_class
 
 
 def seed_everything(seed: int) -> None:
@@ -284,53 +270,3 @@ def first_ppl(ppl: dict) -> float | None:
     return None
 
 
-def print_summary(result: dict) -> None:
-    print(f"\n{result['name']}  ({result['model']['name']}, {result['model']['parameters'] / 1e6:.1f}M params)"
-          f"  ->  {result['run_dir']}")
-    if "models" in result:
-        print_models(result)
-        return
-    for spec, entry in result["metrics"].get("ppl", {}).items():
-        proto = entry["protocol"]
-        cells = "  ".join(f"{dtype} {fig['ppl']:.4f}{' (cached)' if fig.get('cached') else ''}"
-                          for dtype, fig in entry.items() if dtype != "protocol")
-        print(f"  {spec} PPL: {cells}   [{proto['windows']} windows x {proto['seq_len']} tokens, "
-              f"{'BOS' if proto['bos'] else 'no BOS'}]")
-    if result["metrics"].get("zeroshot"):
-        print_zeroshot(result["metrics"]["zeroshot"])
-
-
-def print_zeroshot(zs: dict, label: str = "") -> None:
-    p = zs["protocol"]
-    limit = split_label(p)
-    cells = " | ".join(f"{task} {metric} {zs['tasks'][task][metric]:.4f}"
-                       f"{' (cached)' if zs['tasks'][task].get('cached') else ''}"
-                       for task, metric in zs["report_metrics"].items())
-    print(f"  zero-shot{label}: {cells} | average {zs['average']:.4f}   [lm-eval {p['lm_eval']}, "
-          f"{p['num_fewshot']}-shot, {limit}, batch {p['batch_size']}, {p['dtype']}]")
-
-
-def print_models(result: dict) -> None:
-    """The found configuration next to dense and the reference baselines."""
-    alloc = result["allocation"]
-    print(f"  found by {alloc['search']}: {alloc['summary']}")
-    models = result["models"]
-    kind = next((e["fitness_kind"] for e in models.values() if "fitness_kind" in e), None)
-    first = next(iter(models.values()))
-    heads = [f"{spec} PPL ({d})" for spec, ppl in first.get("ppl", {}).items() for d in ppl if d != "protocol"]
-    zeroshot = any("zeroshot" in e for e in models.values())
-    if zeroshot:
-        heads.append("0-shot avg")
-    print(f"  {'model':<16}" + (f"  {kind + ' fitness':>10}" if kind else "") + "  " + "  ".join(heads))
-    for name, entry in models.items():
-        cells = [f"{name:<16}"]
-        if kind:
-            cells.append(f"{entry['fitness']:>10.5f}" if "fitness" in entry else f"{'-':>10}")
-        for ppl in entry.get("ppl", {}).values():
-            cells += [f"{fig['ppl']:>12.3f}" for d, fig in ppl.items() if d != "protocol"]
-        if zeroshot:
-            cells.append(f"{entry['zeroshot']['average']:>10.4f}" if "zeroshot" in entry else f"{'-':>10}")
-        print("  " + "  ".join(cells))
-    for name, entry in models.items():
-        if "zeroshot" in entry:
-            print_zeroshot(entry["zeroshot"], f" {name}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from evoexp.config import LoggerCfg
+from evoexp.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ class Tracker:
         if self.cfg.kind == "none":
             return self
         if self.cfg.kind != "wandb":
-            from evoexp.errors import UserError
-
             raise UserError(f"logger.kind: expected wandb | none, got {self.cfg.kind!r}")
         import wandb
 

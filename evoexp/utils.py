@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import os
+import platform
 import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,9 +130,6 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
-    import platform
-
     out = {"python": platform.python_version()}
     for pkg in ("evoexp", "torch", "transformers", "hydra-core", "omegaconf", "wandb", "datasets",
                 "safetensors", "lm_eval"):
@@ -142,8 +142,6 @@ def versions() -> dict[str, str]:
 
 def progress(iterable=None, **kwargs):
     """A tqdm bar; when stderr is not a terminal (SLURM logs, CI) it redraws at most every 30 s."""
-    import sys
-
     from tqdm.auto import tqdm
 
     kwargs.setdefault("dynamic_ncols", True)

@@ -3,9 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 from evoexp.config import DataCfg, EvalCfg, ModelCfg, RunCfg
+from evoexp.recipes.registry import RECIPES
 
 from .conftest import CONF, run_cfg, run_cli
 
@@ -49,7 +51,9 @@ def test_methods_bring_their_default_solver(compose):
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes(compose, name):
     cfg = compose([f"experiment={name}", "model=tiny"])
-    assert isinstance(run_cfg(cfg), RunCfg)
+    run = run_cfg(cfg)
+    assert isinstance(run, RunCfg) and run.model.name == "tiny"
+    assert run.method.kind in RECIPES and run.name == f"{cfg.hydra.runtime.choices.method}-tiny"
 
 
 def test_all_conf_files_are_covered():
@@ -139,7 +143,7 @@ def test_cli_tiny_dense_run_writes_run_dir(tmp_path):
     assert entry["protocol"]["windows"] == 2 and entry["protocol"]["seq_len"] == 256
     # A random model over 259 byte tokens: PPL near the vocabulary size, far from 1.
     assert 100 < entry["float32"]["ppl"] < 600
-    assert result["versions"]["torch"] and result["timings"]["load_model"] >= 0
+    assert result["versions"]["torch"] == torch.__version__ and set(result["timings"]) == {"load_model", "eval_ppl"}
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "evoexp.log").exists()
     assert f"{entry['float32']['ppl']:.4f}" in proc.stdout
 
@@ -161,7 +165,7 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_runs_it_natively(compose, monkeyp
     from evoexp.models import loading
     from evoexp.run import resolve_auto_dtypes
 
-    monkeypatch.setattr(loading, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(loading, "cpu_flags", lambda: flags)
     cpu = torch.device("cpu")
     assert loading.resolve_dtype("auto", cpu) == fast
     assert [loading.resolve_dtype(d, cpu) for d in ("float32", "bfloat16")] == ["float32", "bfloat16"]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from evoexp.data import calibration_windows, check_source, eval_windows, load_tokens, read_text
+from evoexp.data import calibration_windows, check_source, eval_windows, load_tokens, read_text, sources
 from evoexp.errors import UserError
 from evoexp.models.tiny import byte_tokenizer
 
@@ -96,10 +96,8 @@ def test_source_checks():
 
 
 def test_online_corpora_fail_fast_offline(monkeypatch):
-    import evoexp.models.loading as loading
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(UserError, match="unreachable"):
         read_text("c4:validation")
 

@@ -10,7 +10,7 @@ from evoexp.config import GPTQCfg, RTNCfg, SparseGPTCfg, WandaCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.database import Database, DatabaseSpec, LevelApplier, build_database, decode_sparse, encode_sparse
 from evoexp.errors import UserError
-from evoexp.methods.layerwise import resolve_propagation
+from evoexp.database.provision import resolve_propagation
 from evoexp.utils import read_json
 
 SPARSE_LEVELS = [0.3, 0.5, 0.7]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from evoexp.config import ModelCfg
 from evoexp.errors import UserError
-from evoexp.methods.drop import (DropApplier, DropConfig, ZeroAttention, ZeroMLP, _trim_config, export_dropped,
+from evoexp.methods.drop import (DropApplier, DropConfig, ZeroAttention, ZeroMLP, trim_config, export_dropped,
                                  load_dropped, materialize)
 from evoexp.models import DecoderAdapter, load_model
 
@@ -222,7 +222,7 @@ def test_materialize_refuses_applied_model_and_dropping_everything(tiny):
 def test_trim_heterogeneous_per_layer_config():
     config = transformers.LlamaConfig(**COMMON, per_layer_config={1: {"intermediate_size": 256},
                                                                    3: {"intermediate_size": 32}})
-    _trim_config(config, [0, 1, 3])
+    trim_config(config, [0, 1, 3])
     assert config.num_hidden_layers == 3
     assert config.to_dict()["per_layer_config"] == {"1": {"intermediate_size": 256}, "2": {"intermediate_size": 32}}
 

@@ -161,11 +161,12 @@ def test_table_reports_an_empty_dir_in_one_line(tmp_path, capsys):
 
 def test_level_profile_figure_from_a_result(tmp_path):
     from evoexp.report.figures import write_figures
+    from evoexp.report.results import read_run
 
     result = _fake_result(tmp_path / "run", 3, 0, "kl", 12.0, 15.0)
     (tmp_path / "run" / "history.jsonl").write_text(
         "".join(json.dumps({"generation": g, "parent_fitness": 1.0 / g}) + "\n" for g in (1, 2, 3)))
-    paths = write_figures(result, tmp_path / "run")
+    paths = write_figures(read_run(result, tmp_path / "run"))
     assert sorted(p.name for p in paths) == ["bits_profile.png", "convergence.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
 

@@ -14,7 +14,7 @@ from evoexp.config import GPTQCfg, SparseGPTCfg
 from evoexp.database import Database, LevelApplier, build_database
 from evoexp.errors import UserError
 from evoexp.methods.export import gptq_pack, save_compressed_tensors, save_gptq
-from evoexp.recipes.layerwise import Allocation
+from evoexp.methods.layerwise import Allocation
 from evoexp.solvers.quant import QuantizedWeight
 from tests.test_database import spec_for, windows  # noqa: F401 - fixture
 
@@ -218,7 +218,7 @@ def test_sparse_hf_export_loads_with_plain_from_pretrained(tiny, windows, tmp_pa
 def test_local_checkpoints_with_equal_shapes_get_different_fingerprints(tiny, tmp_path):
     """Caches (dense PPL, databases) are keyed by the fingerprint: it must see the weights, not only sizes."""
     from evoexp.config import ModelCfg
-    from evoexp.models.loading import _hf_checkpoint
+    from evoexp.models.loading import hf_checkpoint
 
     tiny.model.save_pretrained(tmp_path / "a")
     name = "model.layers.0.mlp.down_proj"
@@ -228,8 +228,8 @@ def test_local_checkpoints_with_equal_shapes_get_different_fingerprints(tiny, tm
         tiny.model.save_pretrained(tmp_path / "b")
     finally:
         tiny.adapter.module(name).weight.data = original
-    a = _hf_checkpoint(ModelCfg(name="a", source="hf", path=str(tmp_path / "a")))[1]
-    b = _hf_checkpoint(ModelCfg(name="b", source="hf", path=str(tmp_path / "b")))[1]
+    a = hf_checkpoint(ModelCfg(name="a", source="hf", path=str(tmp_path / "a")))[1]
+    b = hf_checkpoint(ModelCfg(name="b", source="hf", path=str(tmp_path / "b")))[1]
     assert (tmp_path / "a" / "model.safetensors").stat().st_size == (tmp_path / "b" / "model.safetensors").stat().st_size
     assert a != b
-    assert a == _hf_checkpoint(ModelCfg(name="a", source="hf", path=str(tmp_path / "a")))[1]
+    assert a == hf_checkpoint(ModelCfg(name="a", source="hf", path=str(tmp_path / "a")))[1]

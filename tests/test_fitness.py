@@ -90,7 +90,8 @@ def test_minibatch_exact_tokens_distinct_windows():
     assert mb.groups(2) == [([mb.items[0][0], mb.items[1][0]], 64), ([mb.items[2][0]], 64), ([mb.items[3][0]], 8)]
     with pytest.raises(UserError, match="calib_windows"):
         sample_minibatch(2, 64, 129, rng)
-    assert isinstance(Minibatch([(0, 5)]).tokens, int)
+    tokens = Minibatch([(0, 5), (3, 7)]).tokens
+    assert tokens == 12 and type(tokens) is int  # a plain int: it goes into JSON records
 
 
 def test_kl_with_softcapped_logits_keeps_probabilities():

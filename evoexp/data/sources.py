@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evoexp.errors import UserError
+from evoexp.models.loading import hub_reachable
 from evoexp.utils import file_hash
 
 FILES = Path(__file__).resolve().parent / "files"
@@ -140,10 +141,8 @@ def _read_file(path: Path, spec: str, jsonl_field: str) -> Text:
 
 def _require_hub(spec: str) -> None:
     """Online corpora: fail at once when the Hub is unreachable (HF_*_OFFLINE=1 means: use the local HF cache)."""
-    from evoexp.models.loading import _hub_reachable
-
     if os.environ.get("HF_DATASETS_OFFLINE") != "1" and os.environ.get("HF_HUB_OFFLINE") != "1" \
-            and not _hub_reachable():
+            and not hub_reachable():
         raise UserError(f"data source {spec!r} needs the Hugging Face Hub, which is unreachable (offline); "
                         "use data=wikitext2, data=c4_sample, data=wiki_sample or a local file "
                         "(data=text_file data.calib=... data.eval=...)")

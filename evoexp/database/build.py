@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 
 import torch
 
@@ -15,33 +14,12 @@ from evoexp.blockrun import BlockRunner
 from evoexp.database.store import Database
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
-from evoexp.solvers import GPTQ, RTN, Magnitude, SparseGPT, Wanda
 from evoexp.solvers.capture import paired_sequential, sequential
 from evoexp.solvers.fista import Fista, FistaSettings, PairedGram
+from evoexp.solvers.registry import make_solver, solver_class
 from evoexp.utils import progress
 
 log = logging.getLogger(__name__)
-SOLVER_CLASSES = {"sparsegpt": SparseGPT, "wanda": Wanda, "magnitude": Magnitude, "gptq": GPTQ, "rtn": RTN,
-                  "fista": Fista}
-SOLVERS_FOR = {"sparse": ("sparsegpt", "wanda", "magnitude", "fista"), "quant": ("gptq", "rtn")}
-
-
-def check_solver(method_kind: str, solver_kind: str) -> None:
-    allowed = SOLVERS_FOR.get(method_kind, ())
-    if solver_kind not in allowed:
-        raise UserError(f"solver: {solver_kind!r} does not apply to method={method_kind} "
-                        f"(choose one of {', '.join(allowed)})")
-
-
-def make_solver(cfg, weight: torch.Tensor, name: str = "", hessian=None, nm=None,
-                scale_dtype: torch.dtype = torch.float32):
-    """The solver object for one layer from its config dataclass (SparseGPTCfg, GPTQCfg, ...)."""
-    kwargs = {k: v for k, v in asdict(cfg).items() if k != "kind"}
-    if cfg.kind in SOLVERS_FOR["sparse"]:
-        kwargs["nm"] = tuple(nm) if nm else None
-    else:
-        kwargs["scale_dtype"] = scale_dtype
-    return SOLVER_CLASSES[cfg.kind](weight, name=name, hessian=hessian, **kwargs)
 
 
 def level_errors(W: torch.Tensor, results: list, H: torch.Tensor | None) -> torch.Tensor:
@@ -110,7 +88,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
     try:
         if solver_cfg.kind == "fista":
             _build_fista(db, adapter, windows, solver_cfg, nm, batch, bar, stats, mine)
-        elif SOLVER_CLASSES[solver_cfg.kind].needs_data:
+        elif solver_class(solver_cfg.kind).needs_data:
             if windows is None:
                 raise ValueError(f"solver {solver_cfg.kind} needs calibration windows")
             sequential(BlockRunner(adapter), windows, compress, spec.propagation, batch, spec.true_sequential,

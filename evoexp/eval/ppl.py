@@ -137,8 +137,9 @@ class HeldOutTracker:
         return out
 
 
-def heldout_tracker(loaded: LoadedModel, cfg: EvalCfg, dtype: str, search, apply) -> HeldOutTracker | None:
-    """The tracker a search config asks for (search.track_every > 0 and something to evaluate), else None."""
-    if not getattr(search, "track_every", 0) or not cfg.datasets:
+def heldout_tracker(loaded: LoadedModel, cfg: EvalCfg, dtype: str, every: int, windows: int,
+                    apply) -> HeldOutTracker | None:
+    """The tracker a search asks for (tracking `every` k > 0 generations and something to evaluate), else None."""
+    if not every or not cfg.datasets:
         return None
-    return HeldOutTracker(loaded, cfg, dtype, search.track_windows, apply)
+    return HeldOutTracker(loaded, cfg, dtype, windows, apply)

@@ -190,10 +190,6 @@ def _convert(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def row_counts() -> dict[str, int]:
-    return json.loads((data_dir() / "manifest.json").read_text())["rows"]
-
-
 def _task_files() -> list[Path]:
     return sorted(p for p in TASKS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 

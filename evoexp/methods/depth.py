@@ -1,7 +1,9 @@
 """Depth pruning: the level space over sub-blocks / blocks / pairs, and every way of choosing what to drop.
 
-`DepthSpace` maps a search state (one 0/1 level per unit, 1 = dropped) to a `DropConfig`. `choose()` runs
-EvoPress or one of the baselines, all on the same calibration data and fitness.
+`DepthSpace` maps a search state (one 0/1 level per unit, 1 = dropped) to a `DropConfig`; `check_depth_method`
+checks the method's settings (before the model loads where the number of blocks is known). The baselines —
+the score baselines, best of N random, brute force — score states with the same evaluator EvoPress uses; the
+depth recipe (recipes/depth.py) runs them.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 
 from evoexp.config import DropMethodCfg
 from evoexp.errors import UserError
-from evoexp.fitness import Minibatch, Teacher, sample_minibatch
+from evoexp.fitness import Minibatch
 from evoexp.methods import depth_baselines as bl
 from evoexp.methods.drop import DropConfig
 from evoexp.search.evaluator import CandidateEvaluator
@@ -53,11 +55,19 @@ class DepthSpace:
         return max(1, int(self.k * (n - self.k) / 1.5))
 
 
-def depth_space(cfg: DropMethodCfg, num_blocks: int) -> DepthSpace:
+def check_depth_method(cfg: DropMethodCfg, num_blocks: int | None) -> None:
+    """One-line UserErrors for method.unit, method.target and method.droppable; with the model's number of blocks
+    (None: not known before the model loads) also for blocks that do not exist and the number of units dropped."""
     if cfg.unit not in UNITS:
         raise UserError(f"method.unit: expected one of {', '.join(UNITS)}, got {cfg.unit!r}")
     if not 0.0 < cfg.target < 1.0:
         raise UserError(f"method.target: expected a fraction in (0, 1), got {cfg.target}")
+    if num_blocks is not None:
+        drop_segments(cfg, num_blocks)
+
+
+def drop_segments(cfg: DropMethodCfg, num_blocks: int) -> tuple[list[tuple[int, int]], np.ndarray, int]:
+    """The units' block ranges [a, b), which of them may be dropped (0/1) and how many are dropped."""
     allowed_blocks = np.ones(num_blocks, dtype=bool)
     if cfg.droppable is not None:
         bad = [b for b in cfg.droppable if not 0 <= b < num_blocks]
@@ -74,6 +84,13 @@ def depth_space(cfg: DropMethodCfg, num_blocks: int) -> DepthSpace:
     if k < 1 or k > allowed.sum():
         raise UserError(f"method.target={cfg.target}: drops {k} of {len(segments)} units, "
                         f"{int(allowed.sum())} of which may be dropped")
+    return segments, allowed, k
+
+
+def depth_space(cfg: DropMethodCfg, num_blocks: int) -> DepthSpace:
+    check_depth_method(cfg, None)
+    segments, allowed, k = drop_segments(cfg, num_blocks)
+    width = segments[0][1] - segments[0][0]
     m = len(segments)
     if cfg.unit == "sub_block":
         names = [f"attn.{i}" for i in range(m)] + [f"mlp.{i}" for i in range(m)]
@@ -128,8 +145,3 @@ def brute_force(ds: DepthSpace, evaluator: CandidateEvaluator, batch: Minibatch,
     fits = evaluator.score(states, batch, desc="brute force")
     best = int(np.argmin(fits))
     return states[best], float(fits[best])
-
-
-def minibatch(teacher: Teacher, tokens: int, rng: np.random.Generator) -> Minibatch:
-    n, seq = teacher.windows.shape
-    return sample_minibatch(n, seq, tokens, rng)

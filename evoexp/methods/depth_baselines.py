@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from evoexp.blockrun import BlockRunner
+from evoexp.errors import UserError
 from evoexp.fitness import Minibatch
 
 
@@ -50,7 +51,5 @@ def window_cosine(window_cos: np.ndarray, k: int, allowed: np.ndarray) -> list[i
         if allowed[s: s + k].all() and c > best_cos:
             best, best_cos = s, c
     if best is None:
-        from evoexp.errors import UserError
-
         raise UserError(f"search=window_cosine: no {k} consecutive droppable units (see method.droppable)")
     return list(range(best, best + k))

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from evoexp.errors import UserError
-from evoexp.models.adapter import DecoderAdapter
+from evoexp.models.adapter import CACHE_KWARGS, DecoderAdapter
+from evoexp.models.applier import Applier
 
 LINES = {(False, False): "none", (True, False): "attn", (False, True): "mlp", (True, True): "attn+mlp"}
 PARSE = {line: pair for pair, line in LINES.items()}
@@ -117,10 +118,6 @@ class DropConfig:
         return DropConfig([self.attn[i] for i in keep], [self.mlp[i] for i in keep])
 
 
-# The name the cache is passed under has changed across transformers releases (5.24 renamed it `cache`).
-CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
-
-
 class ZeroAttention(nn.Module):
     """Stands in for a dropped attention sub-block: outputs zeros, keeps the KV cache's token count right."""
 
@@ -162,8 +159,11 @@ def _check_length(cfg: DropConfig, num_blocks: int) -> None:
         raise UserError(f"drop config has {cfg.num_blocks} blocks but the model has {num_blocks}")
 
 
-class DropApplier:
-    """Swaps zero stand-ins in and out of an adapter's blocks; the modules of every block are made once."""
+class DropApplier(Applier):
+    """Swaps zero stand-ins in and out of an adapter's blocks; the modules of every block are made once.
+
+    It installs no tensors (the stand-ins have none) and keeps the sub-blocks it takes out untouched, so nothing
+    written to the model while a state is applied reaches what `restore()` puts back."""
 
     def __init__(self, adapter: DecoderAdapter):
         self.blocks = adapter.blocks
@@ -215,7 +215,7 @@ def _zero_partial(blocks: nn.ModuleList, cfg: DropConfig) -> None:
             blocks[i].mlp = ZeroMLP()
 
 
-def _trim_config(config, keep: list[int]) -> None:
+def trim_config(config, keep: list[int]) -> None:
     """Make the per-layer config match the kept blocks (models loop over layers[:num_hidden_layers])."""
     spec = getattr(config, "_heterogeneity_spec", None)  # transformers >= 5.2x per-layer overrides, keyed by index
     overrides = copy.deepcopy(spec.per_layer_overrides) if spec is not None else None
@@ -236,7 +236,7 @@ def _remove_blocks(model: nn.Module, blocks: nn.ModuleList, keep: list[int]) -> 
         for mod in (block, block.self_attn):
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new
-    _trim_config(model.config, keep)
+    trim_config(model.config, keep)
 
 
 def materialize(target, cfg: DropConfig):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,34 +31,28 @@ log = logging.getLogger(__name__)
 FORMATS = ("hf", "compressed_tensors", "gptq")
 
 
-def natural_format(method_kind: str) -> str:
-    return "compressed_tensors" if method_kind == "quant" else "hf"
+def export_allocation(model, tokenizer, alloc, allocation: dict, card: str, fmt: str, out: Path) -> Path:
+    """Write `alloc` (an Allocation) into `out` in format `fmt`, with allocation.json and the model card.
 
-
-def export_allocation(recipe, alloc, allocation: dict, models: dict, fmt: str) -> Path:
-    """Export `alloc` of a LayerwiseRecipe run into <run dir>/model; the recipe's model is left dense."""
+    `model` must hold the allocation's weights (the caller applies it): `hf` saves the model as it is, the packed
+    formats take the allocation's layers from the database and every other tensor from the model."""
     if fmt not in FORMATS:
         raise UserError(f"export: expected one of {', '.join(FORMATS)} (or none), got {fmt!r}")
     kind = alloc.db.spec.kind
     if fmt in ("compressed_tensors", "gptq") and kind != "quant":
         raise UserError(f"export: {fmt} packs quantized weights; method={kind} exports as hf")
-    out = Path(recipe.out_dir) / "model"
-    model, tokenizer = recipe.loaded.model, recipe.loaded.tokenizer
-    try:
-        recipe.put(alloc)
-        if fmt == "hf":
-            model.save_pretrained(out)
-        elif fmt == "gptq":
-            save_gptq(model, alloc, out)
-        else:
-            save_compressed_tensors(model, alloc, out)
-    finally:
-        recipe.put(None)
+    out = Path(out)
+    if fmt == "hf":
+        model.save_pretrained(out)
+    elif fmt == "gptq":
+        save_gptq(model, alloc, out)
+    else:
+        save_compressed_tensors(model, alloc, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     write_json(out / "allocation.json", allocation)
-    (out / "README.md").write_text(model_card(recipe, allocation, models, fmt))
-    log.info("exported %s (%s) to %s", recipe.loaded.name, fmt, out)
+    (out / "README.md").write_text(card)
+    log.info("exported %s to %s", fmt, out)
     return out
 
 
@@ -249,22 +244,35 @@ def _dense_linears(model, quantized: dict) -> list[str]:
 
 
 # --- the model card -------------------------------------------------------------------------------------------
-def model_card(recipe, allocation: dict, models: dict, fmt: str) -> str:
-    rc = recipe.rc
-    found = models.get(rc.search.kind, {})
+@dataclass
+class CardFacts:
+    """What the model card states about the run that produced the model."""
+
+    model_name: str
+    source: str
+    fingerprint: str
+    method: str
+    target: float
+    search: str
+    solver: str
+    calibration: str  # e.g. "`wikitext2:train`, database 128 x 2048 tokens, seed 0"
+    seed: int
+
+
+def model_card(facts: CardFacts, allocation: dict, found: dict, fmt: str) -> str:
+    """The export's README.md; `found` is the found model's entry of result.json (fitness, PPL)."""
     lines = [
-        f"# {recipe.loaded.name}: {allocation['summary']}",
+        f"# {facts.model_name}: {allocation['summary']}",
         "",
-        f"Compressed with [evoexp](https://github.com/evoexp/evoexp) {__version__}: method `{rc.method.kind}`, "
-        f"target {rc.method.target}, allocation by `{rc.search.kind}`, solver `{rc.solver.kind}`.",
+        f"Compressed with [evoexp](https://github.com/evoexp/evoexp) {__version__}: method `{facts.method}`, "
+        f"target {facts.target}, allocation by `{facts.search}`, solver `{facts.solver}`.",
         "",
         "| | |", "|---|---|",
         f"| format | `{fmt}` |",
-        f"| source model | {recipe.loaded.source} (`{recipe.loaded.fingerprint}`) |",
-        f"| calibration | `{rc.data.calib}`, database {rc.database.windows} x {rc.database.seq_len} tokens, "
-        f"seed {rc.data.seed} |",
+        f"| source model | {facts.source} (`{facts.fingerprint}`) |",
+        f"| calibration | {facts.calibration} |",
         f"| database | `{allocation['database']}` |",
-        f"| seed | {rc.seed} |",
+        f"| seed | {facts.seed} |",
     ]
     if "fitness" in found:
         lines.append(f"| {found['fitness_kind']} fitness | {found['fitness']:.5f} on {found['fitness_tokens']} "

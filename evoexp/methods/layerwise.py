@@ -1,16 +1,38 @@
-"""Level grids for per-layer sparsity and bit-widths, and what a database built for them propagates."""
+"""Level grids for per-layer sparsity and bit-widths, the level spaces searches walk over them, and an
+allocation (a level of every layer of one database)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from evoexp.database import Database
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
 from evoexp.search.space import LevelSpace
 
 MAX_BITS = 8
+
+
+@dataclass
+class Allocation:
+    """A level (index into the database grid) for every layer."""
+
+    db: Database
+    levels: dict[str, int]
+    info: dict = field(default_factory=dict)
+
+    def values(self) -> dict[str, float]:
+        return {name: self.db.spec.grid[name][i] for name, i in self.levels.items()}
+
+
+def per_block(layers: list[LinearInfo], values: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Level value of every projection per block (for profiles and plots)."""
+    out: dict[str, dict[str, float]] = {}
+    for li in layers:
+        out.setdefault(str(li.block), {})[li.short] = values[li.name]
+    return out
 
 
 def units(adapter: DecoderAdapter) -> list[LinearInfo]:
@@ -50,33 +72,6 @@ def uniform_grid(method, layers: list[LinearInfo]) -> dict[str, list]:
         raise UserError(f"method.target: search=uniform needs a whole bit-width between 1 and {MAX_BITS}, got "
                         f"{method.target} (fractional targets need a search over bit-widths)")
     return {li.name: [int(method.target)] for li in layers}
-
-
-def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], target,
-                        reference_level) -> tuple[str, dict[str, int]]:
-    """(propagation, {layer: index of the level the next block's inputs are computed with})."""
-    if propagation == "auto":
-        if all(len(levels) == 1 for levels in grid.values()):
-            propagation = "compressed"
-        else:
-            propagation = "dense" if kind == "sparse" else "reference"
-    if propagation == "dense":
-        return propagation, {}
-    if propagation not in ("compressed", "reference"):
-        raise UserError(f"database.propagation: expected auto, dense, compressed or reference, got {propagation!r}")
-    value, key = (target, "method.target") if propagation == "compressed" else (reference_level,
-                                                                                 "database.reference_level")
-    reference = {}
-    for name, levels in grid.items():
-        # sparse levels are whole numbers of weights, so the target level of a layer is the target up to
-        # rounding (0.6000012 for 0.6): take the nearest level within a small tolerance
-        dist = [abs(float(v) - float(value)) for v in levels]
-        best = min(range(len(levels)), key=dist.__getitem__)
-        if dist[best] > 1e-4:
-            raise UserError(f"{key}: {value} is not a level of {name} (levels {levels}); propagation="
-                            f"{propagation} needs it in the grid")
-        reference[name] = best
-    return propagation, reference
 
 
 # --- level spaces for the searches (EvoPress, random, OWL, DP) ------------------------------------------------

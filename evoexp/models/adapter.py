@@ -20,6 +20,8 @@ MLP_OUT = ("down_proj",)
 ROLES = {"attn_in": ATTN_IN, "attn_out": ATTN_OUT, "mlp_in": MLP_IN, "mlp_out": MLP_OUT}
 FUSED_NAMES = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 ALREADY_FUSED = {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}
+# The name the cache is passed under has changed across transformers releases (5.24 renamed it `cache`).
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
 @dataclass(frozen=True)

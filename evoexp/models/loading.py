@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import nn
 from evoexp.config import ModelCfg
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
+from evoexp.models.tiny import byte_tokenizer, tiny_llama
 from evoexp.utils import cache_root, cached_file_hash, file_hash, stable_hash
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -45,7 +47,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
@@ -58,7 +60,7 @@ def native_bf16(device: torch.device) -> bool:
     them, measured here 7x slower than fp32 on an AVX2 machine."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -73,7 +75,7 @@ def load_model(cfg: ModelCfg, device: torch.device, dtype: torch.dtype) -> Loade
         model, tok, fp, src = _load_tiny(cfg)
         model = model.to(dtype)
     elif cfg.source in ("embedded", "hf"):
-        path, fp, src = _embedded_checkpoint(cfg) if cfg.source == "embedded" else _hf_checkpoint(cfg)
+        path, fp, src = embedded_checkpoint(cfg) if cfg.source == "embedded" else hf_checkpoint(cfg)
         model, tok = _from_pretrained(path, cfg, dtype)
     else:
         raise UserError(f"model.source: expected embedded | hf | tiny, got {cfg.source!r}")
@@ -83,8 +85,6 @@ def load_model(cfg: ModelCfg, device: torch.device, dtype: torch.dtype) -> Loade
 
 
 def _load_tiny(cfg: ModelCfg):
-    from evoexp.models.tiny import byte_tokenizer, tiny_llama
-
     tok = byte_tokenizer()
     model = tiny_llama(cfg.tiny, vocab_size=len(tok))
     return model, tok, "tiny:" + stable_hash(asdict(cfg.tiny)), "tiny"
@@ -104,7 +104,7 @@ def _from_pretrained(path: str, cfg: ModelCfg, dtype: torch.dtype):
     return model, tok
 
 
-def _embedded_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
+def embedded_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
     """Dequantize the packaged GGUF once into a cached safetensors checkpoint; return its dir."""
     spec = importlib.util.find_spec(cfg.package) if cfg.package else None
     if spec is None or not spec.submodule_search_locations:
@@ -142,7 +142,7 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
+def hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
     if not cfg.path:
         raise UserError("model.path: required for model=hf (a local checkpoint dir or a Hub id)")
     local = Path(os.path.expanduser(cfg.path))
@@ -170,7 +170,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
         return snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=patterns)
     except LocalEntryNotFoundError:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or not hub_reachable():
         raise UserError(f"model.path {repo_id!r}: not a local directory, not in the Hugging Face cache, and the "
                         "Hub is unreachable (offline); download it first or pass model.path=/local/dir")
     log.info("downloading %s from the Hugging Face Hub", repo_id)
@@ -181,12 +181,32 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> str:
                         f"{str(ex).strip().splitlines()[0] if str(ex).strip() else ''})") from ex
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    import socket
-
+def hub_reachable(timeout: float = 5.0) -> bool:
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def peek_num_blocks(cfg: ModelCfg) -> int | None:
+    """The model's number of decoder blocks when it can be known without loading it (config checks run before
+    the load): the tiny model's setting, a local checkpoint's or an already converted embedded model's
+    config.json; None otherwise (the check then runs once the model is loaded)."""
+    if cfg.source == "tiny":
+        return cfg.tiny.num_layers
+    if cfg.source == "hf" and cfg.path and Path(cfg.path, "config.json").is_file():
+        config = Path(cfg.path, "config.json")
+    elif cfg.source == "embedded":  # converted under a digest of the GGUF: known once it has been converted
+        found = list((cache_root() / "models").glob(f"{cfg.name}-*-v{CONVERSION_VERSION}/config.json"))
+        if len(found) != 1:
+            return None
+        config = found[0]
+    else:
+        return None
+    try:
+        layers = json.loads(config.read_text()).get("num_hidden_layers")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return layers if isinstance(layers, int) else None

@@ -1,17 +1,23 @@
 """A tiny random-init Llama with a byte-level tokenizer, built in memory (no files, no Hub)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from evoexp.config import TinyModelCfg
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<bos>", "<eos>"]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """Every UTF-8 byte is one token (ids 3..258); ids 0-2 are pad, bos, eos."""
+    from transformers import PreTrainedTokenizerFast  # heavy: only when the tiny model is built
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}
     for ch in sorted(alphabet):
@@ -24,6 +30,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_llama(cfg: TinyModelCfg, vocab_size: int) -> LlamaForCausalLM:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,

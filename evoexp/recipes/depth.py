@@ -1,85 +1,90 @@
 """Depth pruning end to end: calibration -> teacher -> search -> reference baselines -> evaluation -> export."""
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
 
 from evoexp.blockrun import BlockRunner
-from evoexp.config import EvoPressCfg, RunCfg
-from evoexp.data import calibration_windows, load_tokens
+from evoexp.config import EvoPressCfg, RunCfg, ScoreSearchCfg
 from evoexp.errors import UserError
-from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
-from evoexp.eval.zeroshot import zeroshot_wanted
-from evoexp.fitness import Teacher
-from evoexp.methods.depth import (SCORE_BASELINES, DepthSpace, brute_force, depth_space, minibatch, random_best,
-                                  score_baseline)
+from evoexp.fitness import Teacher, minibatch
+from evoexp.methods.depth import (SCORE_BASELINES, DepthSpace, brute_force, check_depth_method, depth_space,
+                                  random_best, score_baseline)
 from evoexp.methods.drop import DropApplier, export_dropped
-from evoexp.models import LoadedModel
+from evoexp.models import peek_num_blocks
+from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
+                                   rng_for, run_evopress)
+from evoexp.recipes.contract import RecipeContext, RecipeResult
 from evoexp.search.evaluator import CandidateEvaluator
-from evoexp.search.evopress import EvoPress, EvoPressSettings, Stage
 from evoexp.utils import write_json
 
-log = logging.getLogger(__name__)
 SEARCHES = ("evopress", "random", "brute", *SCORE_BASELINES)
+EXPORTS = ("none", "hf", "auto")
+SEARCH_SEED, BASELINE_SEED = 0, 1  # offsets of the run's seed: the search's draws, the score baselines' minibatch
 
 
 class DepthPruningRecipe:
-    def __init__(self, rc: RunCfg, loaded: LoadedModel, out_dir, tracker, timed):
-        self.rc, self.loaded, self.out_dir, self.tracker, self.timed = rc, loaded, out_dir, tracker, timed
+    kinds = ("drop",)
 
-    def run(self) -> dict:
-        rc, adapter = self.rc, self.loaded.adapter
-        if rc.search.kind not in SEARCHES:
-            raise UserError(f"search: {rc.search.kind!r} does not apply to method=drop ({', '.join(SEARCHES)})")
-        with self.timed("calibration"):
-            stream = load_tokens(rc.data.calib, self.loaded.tokenizer, rc.data.jsonl_field)
-            windows, proto = calibration_windows(stream, self.loaded.tokenizer, rc.data.seq_len,
-                                                 rc.data.calib_windows, rc.data.seed, rc.data.bos)
+    @classmethod
+    def validate(cls, rc: RunCfg) -> None:
+        s = rc.search
+        if s.kind not in SEARCHES:
+            raise UserError(f"search: {s.kind!r} does not apply to method=drop ({', '.join(SEARCHES)})")
+        bad = [r for r in (s.references or []) if r not in SCORE_BASELINES]
+        if bad:
+            raise UserError(f"search.references: {bad[0]!r} is not a depth baseline ({', '.join(SCORE_BASELINES)})")
+        if rc.export.kind not in EXPORTS:
+            raise UserError(f"export: method=drop exports as hf, not {rc.export.kind}")
+        check_depth_method(rc.method, peek_num_blocks(rc.model))
+
+    def __init__(self, ctx: RecipeContext):
+        self.ctx, self.rc = ctx, ctx.rc
+        self.applier = DropApplier(ctx.loaded.adapter)
+
+    def run(self) -> RecipeResult:
+        ctx, rc, adapter = self.ctx, self.rc, self.ctx.loaded.adapter
+        with ctx.timed("calibration"):
+            windows, proto = calibration(ctx, rc.data.seq_len, rc.data.calib_windows)
         runner = BlockRunner(adapter)
-        with self.timed("teacher"):
-            teacher = Teacher(adapter, windows, rc.fitness.kind, rc.fitness.topk, rc.fitness.chunk_tokens,
-                              rc.fitness.max_memory_gb, self.out_dir).build(runner)
+        with ctx.timed("teacher"):
+            teacher = build_teacher(ctx, windows, runner)
         ds = depth_space(rc.method, adapter.num_blocks)
-        self.applier = DropApplier(adapter)
-        apply = lambda st: self.applier.apply(ds.to_config(st))  # noqa: E731
-        max_batch = getattr(rc.search, "max_batch", 8)
-        # what a state means, for the one-off scorings kept in the run dir (see CandidateEvaluator)
-        keep = {"scores_dir": self.out_dir, "context": {"model": self.loaded.fingerprint, "units": ds.space.names}}
-        evaluator = CandidateEvaluator(runner, teacher, apply, ds.space.unit_block, max_batch,
-                                       getattr(rc.search, "incremental", True), **keep)
-        ppl_evaluator = CandidateEvaluator(runner, Teacher(adapter, windows, "ppl"), apply, ds.space.unit_block,
-                                           max_batch, **keep)
-
-        with self.timed("search"):
+        evaluator = self.evaluator(ds, runner, teacher, **evaluator_options(rc.search))
+        ppl_evaluator = self.evaluator(ds, runner, Teacher(adapter, windows, "ppl"), **evaluator_options(rc.search,
+                                                                                                          False))
+        with ctx.timed("search"):
             t0 = time.time()
             state, search_info = self.search(ds, evaluator, ppl_evaluator)
             search_info["seconds"] = round(time.time() - t0, 2)
         states = {"dense": np.zeros(ds.space.size, dtype=np.int64), rc.search.kind: state}
-        references = rc.search.references if rc.search.references is not None else ["shortgpt"]
-        for name in references:
+        for name in rc.search.references if rc.search.references is not None else ["shortgpt"]:
             if name not in states:
-                with self.timed(f"reference_{name}"):
+                with ctx.timed(f"reference_{name}"):
                     states[name] = self.baseline(name, ds, ppl_evaluator)
-
-        models = self.evaluate(states, ds, evaluator, teacher)
+        lines = lambda st: ds.to_config(st).lines()  # noqa: E731 - what identifies a dropped model
+        models = evaluate_models(ctx, states, lambda st: self.applier.apply(ds.to_config(st)),
+                                 lambda st: {"lines": lines(st)}, lines, evaluator)
         self.applier.restore()
         allocation = self.allocation(ds, state, search_info)
-        write_json(self.out_dir / "allocation.json", allocation)
-        if rc.export.kind not in ("none", "hf", "auto"):
-            raise UserError(f"export: method=drop exports as hf, not {rc.export.kind}")
+        write_json(ctx.out_dir / "allocation.json", allocation)
         if rc.method.export or rc.export.kind != "none":
-            with self.timed("export"):
-                export_dropped(self.loaded.model, self.loaded.tokenizer, ds.to_config(state),
-                               self.out_dir / "model")
-        return {"calibration": proto.as_dict(), "search": search_info, "allocation": allocation, "models": models,
-                "ppl": models[rc.search.kind].get("ppl", {}), "zeroshot": models[rc.search.kind].get("zeroshot")}
+            with ctx.timed("export"):
+                export_dropped(ctx.loaded.model, ctx.loaded.tokenizer, ds.to_config(state), ctx.out_dir / "model")
+        return RecipeResult(rc.search.kind, models, allocation, search_info, {"calibration": proto.as_dict()})
+
+    def evaluator(self, ds: DepthSpace, runner: BlockRunner, teacher: Teacher, **options) -> CandidateEvaluator:
+        """Scores drop states; one-off scorings are kept in the run dir, keyed by what a state means."""
+        keep = {"scores_dir": self.ctx.out_dir,
+                "context": {"model": self.ctx.loaded.fingerprint, "units": ds.space.names}}
+        return CandidateEvaluator(runner, teacher, lambda st: self.applier.apply(ds.to_config(st)),
+                                  ds.space.unit_block, **options, **keep)
 
     # --- choosing what to drop -----------------------------------------------------------------------------------
     def search(self, ds: DepthSpace, evaluator: CandidateEvaluator, ppl_evaluator: CandidateEvaluator):
-        rc, s = self.rc, self.rc.search
-        rng = np.random.Generator(np.random.PCG64(rc.seed))
+        s = self.rc.search
+        rng = rng_for(self.ctx, SEARCH_SEED)
         if s.kind == "evopress":
             return self.evopress(ds, evaluator, s)
         if s.kind == "random":
@@ -91,62 +96,16 @@ class DepthPruningRecipe:
         return self.baseline(s.kind, ds, ppl_evaluator), {"kind": s.kind}
 
     def baseline(self, kind: str, ds: DepthSpace, ppl_evaluator: CandidateEvaluator) -> np.ndarray:
-        if kind not in SCORE_BASELINES:
-            raise UserError(f"search.references: {kind!r} is not a depth baseline ({', '.join(SCORE_BASELINES)})")
-        tokens = getattr(self.rc.search, "tokens", 8192) if self.rc.search.kind == kind else 8192
-        rng = np.random.Generator(np.random.PCG64(self.rc.seed + 1))
-        batch = minibatch(ppl_evaluator.teacher, min(tokens, ppl_evaluator.teacher.windows.numel()), rng)
+        """A score baseline's state, on its own settings when it is the search, else on its defaults."""
+        cfg = self.rc.search if self.rc.search.kind == kind else ScoreSearchCfg(kind=kind)
+        batch = capped_minibatch(ppl_evaluator.teacher, cfg.tokens, rng_for(self.ctx, BASELINE_SEED))
         return score_baseline(kind, ds, ppl_evaluator, batch)
 
     def evopress(self, ds: DepthSpace, evaluator: CandidateEvaluator, s: EvoPressCfg):
-        settings = EvoPressSettings(
-            generations=s.generations if s.generations is not None else ds.default_generations,
-            offspring=s.offspring, stages=[Stage(st.survivors, st.tokens) for st in s.stages],
-            max_switches=s.max_switches, init=s.init or "random", init_candidates=s.init_candidates,
-            init_tokens=s.init_tokens, max_tries=s.max_tries, track_every=s.track_every)
-        teacher = evaluator.teacher
-        track = heldout_tracker(self.loaded, self.rc.eval, self.rc.dtype.value, s,
-                                lambda st: self.applier.apply(ds.to_config(st)))
-
-        def sample(tokens, rng):
-            return minibatch(teacher, tokens, rng)
-
-        def on_generation(record):
-            self.tracker.log({"search": {"generation": record["generation"], "fitness": record["parent_fitness"],
-                                         "evaluations": record["evaluations"], "seconds": record["seconds"],
-                                         **({"heldout_ppl": record["heldout"]} if "heldout" in record else {})}})
-
-        engine = EvoPress(settings, ds.space, evaluator, sample, self.rc.seed, self.out_dir, on_generation,
-                          track=track)
-        result = engine.run()
+        settings = evopress_settings(s, ds.default_generations, s.init or "random")
+        result = run_evopress(self.ctx, settings, s, ds.space, evaluator)
         return result.state, {"kind": "evopress", "fitness": result.fitness, "generations": result.generations,
                               "evaluations": evaluator.evaluations, "block_passes": evaluator.block_passes}
-
-    # --- reporting ---------------------------------------------------------------------------------------------
-    def evaluate(self, states: dict, ds: DepthSpace, evaluator: CandidateEvaluator, teacher: Teacher) -> dict:
-        """Fitness on one fixed calibration minibatch and held-out PPL, for dense, found and references."""
-        rc = self.rc
-        rng = np.random.Generator(np.random.PCG64(rc.seed + 2))
-        batch = minibatch(teacher, min(rc.fitness.report_tokens, teacher.windows.numel()), rng)
-        with self.timed("report_fitness"):
-            fits = evaluator.score(list(states.values()), batch, desc="report fitness")
-        models = {}
-        for (name, st), fit in zip(states.items(), fits):
-            cfg = ds.to_config(st)
-            entry = {"fitness": fit, "fitness_kind": rc.fitness.kind, "fitness_tokens": batch.tokens,
-                     "lines": cfg.lines()}
-            self.applier.apply(cfg)
-            if rc.eval.ppl and rc.eval.datasets:
-                with self.timed(f"eval_ppl_{name}"):
-                    entry["ppl"] = evaluate_ppl(self.loaded, rc.eval, rc.dtype.value, dense=name == "dense",
-                                               run_dir=self.out_dir, state_id=entry["lines"])
-            if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
-                with self.timed(f"eval_zeroshot_{name}"):
-                    entry["zeroshot"] = evaluate_zeroshot(self.loaded, rc.eval.zeroshot, rc.dtype.value,
-                                                          dense=name == "dense", run_dir=self.out_dir,
-                                                          state=name, state_id=entry["lines"])
-            models[name] = entry
-        return models
 
     def allocation(self, ds: DepthSpace, state: np.ndarray, info: dict) -> dict:
         cfg = ds.to_config(state)
@@ -156,3 +115,11 @@ class DepthPruningRecipe:
                 "units": dict(zip(ds.space.names, state.tolist())), "drop": cfg.to_dict(),
                 "attn_dropped": attn, "mlp_dropped": mlp,
                 "summary": f"attention dropped in blocks {attn}, MLP dropped in blocks {mlp}"}
+
+
+def evaluator_options(search, incremental: bool = True) -> dict:
+    """The candidate scoring settings a search config has (EvoPress's); others score with the defaults."""
+    options = {k: getattr(search, k) for k in ("max_batch", "incremental") if hasattr(search, k)}
+    if not incremental:
+        options.pop("incremental", None)
+    return options

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from evoexp.report.results import FinishedRun
+from evoexp.utils import atomic_path
+
 log = logging.getLogger(__name__)
 PROJECTION_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -31,34 +34,28 @@ def read_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_figures(result: dict, run_dir: Path) -> list[Path]:
-    """Every figure that applies to this run, as PNG files in `run_dir/figures`."""
-    run_dir = Path(run_dir)
-    out = run_dir / "figures"
+def write_figures(run: FinishedRun) -> list[Path]:
+    """Every figure that applies to this run, as PNG files in `<run dir>/figures`."""
+    out = run.run_dir / "figures"
     paths = []
-    history = read_history(run_dir)
+    history = read_history(run.run_dir)
     if history:
-        paths.append(convergence(history, result, out / "convergence.png"))
-    models = result.get("models") or {}
-    kind = result.get("method", {}).get("kind")
-    if kind == "drop" and models:
-        paths.append(depth_profile(models, result, out / "dropped_sub_blocks.png"))
-    elif kind in ("sparse", "quant") and result.get("allocation"):
-        paths.append(level_profile(result, out / f"{'sparsity' if kind == 'sparse' else 'bits'}_profile.png"))
+        paths.append(convergence(history, run, out / "convergence.png"))
+    if run.kind == "drop" and run.recipe.compared:
+        paths.append(depth_profile(run, out / "dropped_sub_blocks.png"))
+    elif run.kind in ("sparse", "quant") and run.recipe.allocation:
+        paths.append(level_profile(run, out / f"{'sparsity' if run.kind == 'sparse' else 'bits'}_profile.png"))
     return paths
 
 
-def _title(result: dict) -> str:
-    m = result.get("method", {})
-    target = m.get("target")
-    what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization"}.get(m.get("kind"), "")
-    unit = f"{target:g} bits" if m.get("kind") == "quant" else f"{target:.1%}" if target is not None else ""
-    return f"{result.get('model', {}).get('name', '')}, {what} {unit}, seed {result.get('config', {}).get('seed', 0)}"
+def _title(run: FinishedRun) -> str:
+    target = run.target
+    what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization"}.get(run.kind, "")
+    unit = f"{target:g} bits" if run.kind == "quant" else f"{target:.1%}" if target is not None else ""
+    return f"{run.model}, {what} {unit}, seed {run.seed}"
 
 
 def _save(fig, path: Path) -> Path:
-    from evoexp.utils import atomic_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
@@ -66,12 +63,12 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def convergence(history: list[dict], result: dict, path: Path) -> Path:
+def convergence(history: list[dict], run: FinishedRun, path: Path) -> Path:
     """Parent fitness per generation; held-out PPL where the search tracked it (search.track_every)."""
     plt = _pyplot()
     gens = [h["generation"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    kind = next((e.get("fitness_kind") for e in (result.get("models") or {}).values() if "fitness_kind" in e), "kl")
+    kind = next((m.fitness_kind for m in run.recipe.models.values() if m.fitness_kind), "kl")
     ax.plot(gens, [h["parent_fitness"] for h in history], color="tab:blue", lw=1.5, label=f"parent fitness ({kind})")
     ax.set_xlabel("generation")
     ax.set_ylabel(f"fitness ({kind}, fresh minibatch each generation)", color="tab:blue")
@@ -86,19 +83,20 @@ def convergence(history: list[dict], result: dict, path: Path) -> Path:
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     ax.legend(handles, labels, loc="upper right", fontsize=8)
-    ax.set_title(f"EvoPress convergence: {_title(result)}", fontsize=9)
+    ax.set_title(f"EvoPress convergence: {_title(run)}", fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def depth_profile(models: dict, result: dict, path: Path) -> Path:
+def depth_profile(run: FinishedRun, path: Path) -> Path:
     """Which attention and MLP sub-blocks each model dropped (one pair of rows per model)."""
     plt = _pyplot()
-    names = [n for n in models if n != "dense" and "lines" in models[n]]
-    blocks = len(models[names[0]]["lines"]) if names else 0
+    lines = {n: m.details["lines"] for n, m in run.recipe.models.items() if n != "dense" and "lines" in m.details}
+    names = list(lines)
+    blocks = len(lines[names[0]]) if names else 0
     grid = np.zeros((2 * len(names), blocks))
     for i, name in enumerate(names):
-        for b, line in enumerate(models[name]["lines"]):
+        for b, line in enumerate(lines[name]):
             grid[2 * i, b] = "attn" in line
             grid[2 * i + 1, b] = "mlp" in line
     fig, ax = plt.subplots(figsize=(max(6, blocks * 0.25), 0.5 * len(grid) + 1.2))
@@ -110,7 +108,7 @@ def depth_profile(models: dict, result: dict, path: Path) -> Path:
     ax.grid(which="minor", color="white", lw=1)
     ax.tick_params(which="minor", length=0)
     ax.set_xlabel("block (dark: dropped)")
-    ax.set_title(f"Dropped sub-blocks: {_title(result)}", fontsize=9)
+    ax.set_title(f"Dropped sub-blocks: {_title(run)}", fontsize=9)
     return _save(fig, path)
 
 
@@ -124,14 +122,13 @@ def _block_means(per_block: dict, numel: dict) -> tuple[list[int], list[float]]:
     return [int(b) for b in blocks], means
 
 
-def level_profile(result: dict, path: Path) -> Path:
+def level_profile(run: FinishedRun, path: Path) -> Path:
     """Per-block mean level of every model, the found model per projection type, and means per type."""
     plt = _pyplot()
-    alloc = result["allocation"]
-    kind = result["method"]["kind"]
+    alloc = run.recipe.allocation
     numel = alloc.get("numel", {})
-    scale, ylabel = (100.0, "sparsity (%)") if kind == "sparse" else (1.0, "bits per weight")
-    models = {n: e["per_block"] for n, e in (result.get("models") or {}).items() if "per_block" in e}
+    scale, ylabel = (100.0, "sparsity (%)") if run.kind == "sparse" else (1.0, "bits per weight")
+    models = {n: m.details["per_block"] for n, m in run.recipe.models.items() if "per_block" in m.details}
     models.setdefault(alloc["search"], alloc["per_block"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), gridspec_kw={"width_ratios": [3, 3, 2]})
     for name, pb in models.items():
@@ -162,5 +159,5 @@ def level_profile(result: dict, path: Path) -> Path:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Level profile: {_title(result)}", fontsize=10)
+    fig.suptitle(f"Level profile: {_title(run)}", fontsize=10)
     return _save(fig, path)

@@ -9,14 +9,16 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from evoexp.errors import UserError
+from evoexp.recipes.contract import ModelEval
+from evoexp.report.figures import write_figures
+from evoexp.report.results import FinishedRun, find_runs
+from evoexp.utils import atomic_path
 
 SHORT_SPEC = {"wikitext2:test": "Wiki2", "c4:validation": "C4", "fineweb_edu:eval": "FW", "c4_sample:eval": "C4s",
               "wiki_sample:eval": "Wikis", "tinystories:eval": "TS"}
@@ -63,47 +65,9 @@ class Table:
 
 
 # --- collecting ----------------------------------------------------------------------------------------------------
-def find_results(paths: list[str]) -> tuple[list[dict], int]:
-    results, unfinished = [], 0
-    for p in map(Path, paths):
-        if not p.exists():
-            raise UserError(f"{p}: no such file or directory")
-        files = [p] if p.is_file() else sorted(p.rglob("result.json"))
-        for f in files:
-            try:
-                r = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as ex:
-                raise UserError(f"{f}: not a readable result.json ({ex})") from None
-            if r.get("status") != "done":
-                unfinished += 1
-                continue
-            r["run_dir"] = str(f.parent)  # where it is now, not where it was written
-            results.append(r)
-        unfinished += 0 if p.is_file() else sum(1 for d in p.rglob(".hydra") if not (d.parent / "result.json").exists())
-    return results, unfinished
-
-
-def _config_value(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _entries(result: dict) -> dict[str, dict]:
-    """Model name -> {"ppl": ..., "zeroshot": ...} for every model the run evaluated."""
-    if result.get("models"):
-        return result["models"]
-    kind = result["method"]["kind"]
-    name = "dense" if kind == "dense" else (result.get("search") or {}).get("kind") or result["config"]["search"]["kind"]
-    return {name: result.get("metrics", {})}
-
-
-def _values(entry: dict, dtype: str | None, tasks: bool) -> list[tuple[Metric, float, str]]:
+def _values(entry: ModelEval, dtype: str | None, tasks: bool) -> list[tuple[Metric, float, str]]:
     out = []
-    for spec, per_dtype in (entry.get("ppl") or {}).items():
+    for spec, per_dtype in (entry.ppl or {}).items():
         dtypes = [d for d in per_dtype if d != "protocol"]
         d = dtype if dtype in dtypes else dtypes[0] if dtypes else None
         if d is None:
@@ -111,7 +75,7 @@ def _values(entry: dict, dtype: str | None, tasks: bool) -> list[tuple[Metric, f
         proto = per_dtype["protocol"]
         note = f"{SHORT_SPEC.get(spec, spec)}: `{spec}` PPL, {proto['windows']} window(s) x {proto['seq_len']} tokens, {d}"
         out.append((Metric(f"{SHORT_SPEC.get(spec, spec)} PPL", False), per_dtype[d]["ppl"], note))
-    zs = entry.get("zeroshot")
+    zs = entry.zeroshot
     if zs:
         metrics = ", ".join(f"{t} {m}" for t, m in zs["report_metrics"].items())
         p = zs["protocol"]
@@ -131,20 +95,19 @@ def split_label(proto: dict) -> str:
     return "full splits" if proto.get("limit") is None else f"limit {proto['limit']}"
 
 
-def collect(results: list[dict], by: list[str], dtype: str | None, tasks: bool) -> list[Table]:
+def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bool) -> list[Table]:
     tables: dict[tuple[str, str], Table] = {}
-    for r in results:
-        kind = r["method"]["kind"]
-        key = (r["model"]["name"], kind)
+    for run in runs:
+        key = (run.model, run.kind)
         table = tables.get(key)
         if table is None:
             table = tables[key] = Table(*key)
-        target = r["method"].get("target")
+        target = run.target
         if target is not None and target not in table.targets:
             table.targets.append(target)
-        suffix = ", ".join(f"{k}={_config_value(r['config'], k)}" for k in by)
-        seed = r["config"].get("seed", 0)
-        for name, entry in _entries(r).items():
+        suffix = ", ".join(f"{k}={run.setting(k)}" for k in by)
+        seed = run.seed
+        for name, entry in run.recipe.models.items():
             row = name if name == "dense" or not suffix else f"{name} ({suffix})"
             if row not in table.rows:
                 table.rows.append(row)
@@ -268,11 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", action="store_true", help="(re)draw every run's figures into its run dir")
     args = ap.parse_args(argv)
     try:
-        results, unfinished = find_results(args.paths)
-        if not results:
+        runs, unfinished = find_runs(args.paths)
+        if not runs:
             raise UserError(f"no finished result.json under {' '.join(args.paths)}"
                             + (f" ({unfinished} unfinished run(s))" if unfinished else ""))
-        tables = collect(results, args.by, args.dtype, args.tasks)
+        tables = collect(runs, args.by, args.dtype, args.tasks)
     except UserError as ex:
         print(f"evoexp-table: error: {ex}", file=sys.stderr)
         return 2
@@ -281,17 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     if unfinished:
         print(f"({unfinished} unfinished run(s) left out)", file=sys.stderr)
     if args.out:
-        from evoexp.utils import atomic_path
-
         for ext, key in (("md", "md"), ("csv", "csv"), ("tex", "latex")):
             with atomic_path(f"{args.out}.{ext}") as tmp:
                 tmp.write_text(rendered[key])
         print(f"wrote {args.out}.md, {args.out}.csv, {args.out}.tex", file=sys.stderr)
     if args.figures:
-        from evoexp.report.figures import write_figures
-
-        for r in results:
-            for p in write_figures(r, Path(r["run_dir"])):
+        for run in runs:
+            for p in write_figures(run):
                 print(f"figure: {p}", file=sys.stderr)
     return 0
 

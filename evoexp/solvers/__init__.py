@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from evoexp.solvers.hessian import HessianAccumulator, prepare
-from evoexp.solvers.obs import _block_counts, gptq, rtn, sparsegpt
+from evoexp.solvers.obs import block_counts, gptq, rtn, sparsegpt
 from evoexp.solvers.quant import QuantizedWeight
 
 __all__ = ["SparseGPT", "GPTQ", "RTN", "Wanda", "Magnitude", "QuantizedWeight", "HessianAccumulator", "prepare"]
@@ -35,9 +35,6 @@ class _Solver:
 
     def add_batch(self, inp: torch.Tensor) -> None:
         self.hessian.add_batch(inp)
-
-    def free(self) -> None:
-        self.hessian = None
 
 
 class SparseGPT(_Solver):
@@ -95,7 +92,7 @@ class RTN(_Solver):
         return rtn(self.W, bits, self.group_size, self.sym, self.mse, self.scale_dtype)
 
 
-def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torch.Tensor:
+def prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm, per_row: bool) -> torch.Tensor:
     rows, cols = W.shape
     mask = torch.zeros_like(score, dtype=torch.bool)
     if nm:
@@ -104,7 +101,7 @@ def _prune_by_score(W: torch.Tensor, score: torch.Tensor, sparsity: float, nm, p
         idx = torch.topk(groups, n, dim=2, largest=False).indices
         mask.view(rows, cols // m, m).scatter_(2, idx, True)
     elif per_row:
-        for r, k in enumerate(_block_counts(rows * cols, [cols] * rows, sparsity)):
+        for r, k in enumerate(block_counts(rows * cols, [cols] * rows, sparsity)):
             if k:
                 mask[r, torch.topk(score[r], k, largest=False).indices] = True
     else:
@@ -123,7 +120,7 @@ class Wanda(_Solver):
 
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
         score = self.W.float().abs() * self.hessian.act_norm.to(self.W.device).unsqueeze(0)
-        return [_prune_by_score(self.W, score, s, self.nm, per_row=True) for s in (sparsities if not self.nm else [0])]
+        return [prune_by_score(self.W, score, s, self.nm, per_row=True) for s in (sparsities if not self.nm else [0])]
 
 
 class Magnitude(_Solver):
@@ -139,4 +136,4 @@ class Magnitude(_Solver):
 
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
         score = self.W.float().abs()
-        return [_prune_by_score(self.W, score, s, self.nm, per_row=False) for s in (sparsities if not self.nm else [0])]
+        return [prune_by_score(self.W, score, s, self.nm, per_row=False) for s in (sparsities if not self.nm else [0])]

@@ -151,17 +151,17 @@ def paired_sequential(runner: BlockRunner, windows: torch.Tensor, levels: int, s
                 shared = not any(pruned)
                 grams = [gram_factory(group[0].in_features, hidden[0].device) for _ in range(1 if shared else levels)]
                 for h in hidden:
-                    dense_x = _group_input(runner, ad, group[0].name, h, b, {})
+                    dense_x = group_input(runner, ad, group[0].name, h, b, {})
                     for lvl, gram in enumerate(grams):
                         gram.add_batch(dense_x, None if shared else
-                                       _group_input(runner, ad, group[0].name, h, b, pruned[lvl]))
+                                       group_input(runner, ad, group[0].name, h, b, pruned[lvl]))
                 grams = grams * levels if shared else grams
                 for lvl, weights in solve_group(b, group, grams).items():
                     pruned[lvl].update(weights)
         hidden = [runner.run(h, b, b + 1) for h in hidden]  # dense propagation
 
 
-def _group_input(runner: BlockRunner, ad: DecoderAdapter, name: str, h: torch.Tensor, b: int,
+def group_input(runner: BlockRunner, ad: DecoderAdapter, name: str, h: torch.Tensor, b: int,
                  weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """The input of linear `name` in block b for block input h, with `weights` swapped in."""
     seen: list[torch.Tensor] = []

@@ -30,6 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
+from evoexp.errors import UserError
+from evoexp.solvers import prune_by_score
+from evoexp.solvers.hessian import prepare
+from evoexp.solvers.obs import sparsegpt
+
 log = logging.getLogger(__name__)
 
 
@@ -53,9 +58,6 @@ class LassoProblem:
         self.K = self.W @ self.F.T  # ∇f(V) = (V − W) G + K
         self.WC = self.WG - self.K  # = W X X*ᵀ / N: the constant part of the gradient
         self.L = float(torch.linalg.eigvalsh(self.G)[-1].clamp_min(1e-12))  # Lipschitz constant of ∇f
-
-    def grad(self, V: torch.Tensor) -> torch.Tensor:
-        return V @ self.G - self.WC
 
     def loss(self, V: torch.Tensor, VG: torch.Tensor | None = None) -> float:
         """½‖V X* − W X‖² / N (pass VG = V @ G when it is known)."""
@@ -144,8 +146,6 @@ WARM_STARTS = ("sparsegpt", "wanda", "magnitude")
 
 def check_fista(cfg) -> None:
     """One-line errors for a FistaCfg, before any model is loaded."""
-    from evoexp.errors import UserError
-
     if cfg.warm_start not in WARM_STARTS:
         raise UserError(f"solver.warm_start: expected one of {', '.join(WARM_STARTS)}, got {cfg.warm_start!r}")
     if not 0 < cfg.ratio < 1:
@@ -281,10 +281,6 @@ class Fista:
         self.gram.add_batch(inp, inp_pruned)
 
     def warm_start(self, sparsities: list[float]) -> list[torch.Tensor]:
-        from evoexp.solvers import _prune_by_score
-        from evoexp.solvers.hessian import prepare
-        from evoexp.solvers.obs import sparsegpt
-
         g = self.gram
         if self.warm == "sparsegpt":
             U, dead, self.damp_used = prepare(2 * g.G, self.W, self.damp, name=self.name)
@@ -292,7 +288,7 @@ class Fista:
         if self.warm in ("wanda", "magnitude"):
             norm = g.sq_norm_pruned.sqrt() if self.warm == "wanda" else torch.ones_like(g.sq_norm)
             score = self.W.float().abs() * norm.to(self.W.device).unsqueeze(0)
-            return [_prune_by_score(self.W.float(), score, s, self.nm, per_row=self.warm == "wanda")
+            return [prune_by_score(self.W.float(), score, s, self.nm, per_row=self.warm == "wanda")
                     for s in sparsities]
         raise ValueError(f"warm_start: expected one of {', '.join(WARM_STARTS)}, got {self.warm!r}")
 

@@ -10,7 +10,7 @@ import torch
 from evoexp.solvers.quant import Grid, QuantizedWeight, dequantize, fit_grid, quantize
 
 
-def _block_counts(total: int, blocks: list[int], fraction: float) -> list[int]:
+def block_counts(total: int, blocks: list[int], fraction: float) -> list[int]:
     """Entries to prune per column block so that the layer total is exactly round(fraction * total)."""
     out, done, start = [], 0, 0
     for size in blocks:
@@ -47,7 +47,7 @@ def sparsegpt(W: torch.Tensor, U: torch.Tensor, sparsities: list[float], nm: tup
     d = torch.diag(U)
     starts = list(range(0, cols, blocksize))
     sizes = [min(blocksize, cols - s) for s in starts]
-    per_block = [_block_counts(rows * cols, [rows * n for n in sizes], s) for s in (sparsities if not nm else [0])]
+    per_block = [block_counts(rows * cols, [rows * n for n in sizes], s) for s in (sparsities if not nm else [0])]
     for b, (i1, count) in enumerate(zip(starts, sizes)):
         i2 = i1 + count
         W1 = Wl[:, i1:i2].clone()
