@@ -8,10 +8,15 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from evoexp.config import register_configs
 from evoexp.errors import UserError
+from evoexp.recipes.checks import run_dir_key
 from evoexp.run import run_job
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -60,10 +65,6 @@ def _multirun_flag_first(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    from hydra.types import RunMode
-
     hc = HydraConfig.get()
     try:
         return run_job(cfg, Path(hc.runtime.output_dir))
@@ -74,13 +75,27 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-def _one_line(ex: BaseException) -> str | None:
+def one_line(ex: BaseException) -> str | None:
     """The message to print for a user mistake, or None for a genuine bug (which keeps its traceback)."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
     if isinstance(ex, UserError):
         return str(ex)
+    # Hydra creates the run (sweep) dir, its .hydra/ files and evoexp.log before evoexp's code runs: an OSError
+    # raised there (EVOEXP_OUT or hydra.run.dir a file, read-only, ...) is a setting of the user's, not a bug.
+    err = next((e for e in (ex, ex.__cause__, ex.__context__) if isinstance(e, OSError)
+                and not isinstance(e, HydraException) and e.filename), None)  # MissingConfigException is an IOError
+    tb, frames = ex.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code)
+        tb = tb.tb_next
+    ours = Path(__file__).resolve().parent
+    hydra_only = not any(f.co_name == "_hydra_main" or (Path(f.co_filename).resolve().is_relative_to(ours)
+                                                         and Path(f.co_filename).name != "cli.py") for f in frames)
+    if err is not None and hydra_only and any("hydra" in Path(f.co_filename).parts for f in frames):
+        path = err.filename or ""
+        key = run_dir_key(path, multirun=any(a in ("-m", "--multirun") for a in sys.argv[1:]))
+        setting = os.environ.get("EVOEXP_OUT") if key == "EVOEXP_OUT" else path
+        return (f"{key}: expected a directory where run dirs can be written, got {setting} "
+                f"({err.strerror or type(err).__name__}: {path})")
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, OmegaConfBaseException) or cause is not None:
         err = cause or ex
@@ -105,8 +120,11 @@ def main() -> None:
     sys.argv = [sys.argv[0]] + _multirun_flag_first(_rewrite_model_path(sys.argv[1:]))
     try:
         _hydra_main()
+    except KeyboardInterrupt:  # Ctrl-C: every finished step is on disk (see run.py), so say how to go on
+        print("evoexp: interrupted; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
     except Exception as ex:  # noqa: BLE001 - the top of the program decides how to report
-        msg = None if wants_trace else _one_line(ex)
+        msg = None if wants_trace else one_line(ex)
         if msg is None:
             raise
         print(f"evoexp: error: {msg}", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""User-facing errors: the CLI prints these as one line, never as a traceback."""
+"""User-facing errors: the CLI prints these as one line, never as a traceback; and the range checks that raise
+them in the house style, `key: expected ..., got X`."""
+from __future__ import annotations
+
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -7,3 +11,35 @@ class UserError(Exception):
 
 class Stop(Exception):
     """A job that ends early by design (e.g. one shard of a database built): reported in one line, exit 0."""
+
+
+def fail(key: str, expected: str, got: Any) -> NoReturn:
+    raise UserError(f"{key}: expected {expected}, got {got}")
+
+
+def check_min(value, key: str, low, *, null: bool = False) -> None:
+    """`value >= low` (null allowed when `null`)."""
+    if value is None and null:
+        return
+    if value is None or not value >= low:  # `not >=` also catches nan
+        fail(key, f">= {low:g}" + (" or null" if null else ""), value)
+
+
+def check_positive(value, key: str, *, null: bool = False) -> None:
+    """A count: an integer >= 1 (null allowed when `null`)."""
+    check_min(value, key, 1, null=null)
+
+
+def check_above(value, key: str, low: float = 0.0) -> None:
+    if value is None or not value > low:
+        fail(key, f"> {low:g}", value)
+
+
+def check_choice(value, key: str, choices) -> None:
+    if value not in choices:
+        fail(key, f"one of {', '.join(str(c) for c in choices)}", repr(value))
+
+
+def check_tokens(value, key: str) -> None:
+    """A number of calibration tokens: a 1-token window predicts nothing, so at least 2."""
+    check_min(value, key, 2)

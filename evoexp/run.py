@@ -27,6 +27,7 @@ from evoexp.data import check_source, eval_windows, load_tokens
 from evoexp.errors import Stop, UserError
 from evoexp.eval import check_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, native_bf16, resolve_device, resolve_dtype
+from evoexp.recipes.checks import check_run
 from evoexp.recipes.contract import Recipe, RecipeContext
 from evoexp.recipes.registry import recipe_for
 from evoexp.report.figures import write_figures
@@ -55,7 +56,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
                                 f"{'; ...' if len(changed) > 3 else ''}); resume=false recomputes it here, or "
                                 "choose another hydra.run.dir")
             log.info("already finished in %s (resume=false recomputes)", out_dir)
-            print_summary(read_run(result))
+            run = read_run(result, out_dir)
+            if not (out_dir / "figures").exists():  # finished by a version that drew them after result.json
+                draw_figures(run)
+            print_summary(run)
             return result.get("objective")
     device = resolve_device(rc.device.value)
     recipe_class = validate(rc, device)  # every config mistake stops here, before the run dir or model is touched
@@ -71,6 +75,9 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
             log.info("%s", stop)
             print(f"evoexp: {stop}")
             return None
+        except KeyboardInterrupt:  # Ctrl-C: not a failure; what is finished is kept, the rerun goes on from it
+            log.info("interrupted")
+            raise
         except BaseException:
             out_dir.mkdir(parents=True, exist_ok=True)
             failed.write_text(traceback.format_exc())
@@ -206,22 +213,12 @@ class Job:
             "objective": first_ppl(metrics.get("ppl", {})),
             "config": self.config,
         }
+        # result.json is the last thing written: a run that has it is complete (figures, export, allocation)
+        paths = draw_figures(read_run(result, self.out_dir))
         write_json(self.out_dir / "result.json", result)
         self.tracker.artifact(self.out_dir / "result.json", f"result-{self.rc.name}", "result")
-        self.figures(read_run(result))
-        return result
-
-    def figures(self, run: FinishedRun) -> None:
-        """The paper's figures for this run; a plotting failure is reported, never costs the finished result."""
-        try:
-            paths = write_figures(run)
-        except Exception:  # noqa: BLE001 - the result is already on disk; `evoexp-table --figures` redraws
-            log.warning("figures failed (result.json is written; `evoexp-table --figures %s` retries)",
-                        self.out_dir, exc_info=True)
-            return
-        for path in paths:
-            log.info("figure: %s", path)
         self.tracker.images({f"figures/{p.stem}": p for p in paths})
+        return result
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
@@ -232,8 +229,21 @@ class Job:
             self.timings[key] = round(time.time() - t0, 2)
 
 
+def draw_figures(run: FinishedRun) -> list[Path]:
+    """The paper's figures for a run; a plotting failure is reported, never costs the result."""
+    try:
+        paths = write_figures(run)
+    except Exception:  # noqa: BLE001 - figures are a view of the result; `evoexp-table --figures` redraws
+        log.warning("figures failed (`evoexp-table --figures %s` retries)", run.run_dir, exc_info=True)
+        return []
+    for path in paths:
+        log.info("figure: %s", path)
+    return paths
+
+
 def validate(rc: RunCfg, device: torch.device) -> type[Recipe]:
     """Every check of the config that needs no model: the data sources, zero-shot tasks and the recipe's own."""
+    check_run(rc)  # environment, model entry, data, eval, fitness and run keys (evoexp/recipes/checks.py)
     check_source(rc.data.calib, "data.calib")
     for spec in rc.eval.datasets:
         check_source(spec, "eval.datasets")

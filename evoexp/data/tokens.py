@@ -6,11 +6,12 @@ import logging
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from evoexp.data.sources import read_text
 from evoexp.errors import UserError
-from evoexp.utils import atomic_path, cache_root, stable_hash
+from evoexp.tensorfiles import check_safetensors, save_safetensors
+from evoexp.utils import DamagedFile, cache_root, stable_hash
 
 log = logging.getLogger(__name__)
 # Texts above this size are tokenized in pieces split at blank lines (whole-text tokenization of wikitext-2 is
@@ -36,13 +37,26 @@ def load_tokens(spec: str, tokenizer, jsonl_field: str = "text") -> TokenStream:
     text = read_text(spec, jsonl_field)
     key = stable_hash({"text": text.fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer), "v": 1})
     path = cache_root() / "tokens" / f"{key}.safetensors"
-    if path.exists():
-        tokens = load_file(path)["tokens"].long()
-    else:
+    tokens = _cached_tokens(path)
+    if tokens is None:
         tokens = _tokenize(text.text, tokenizer)
-        with atomic_path(path) as tmp:
-            save_file({"tokens": tokens.to(torch.int32)}, str(tmp), metadata={"spec": spec})
+        save_safetensors({"tokens": tokens.to(torch.int32)}, path, metadata={"spec": spec})
     return TokenStream(spec, tokens, key, text.join)
+
+
+def _cached_tokens(path) -> torch.Tensor | None:
+    """The cached token ids, or None (computed again) when there are none, or they are damaged or were written
+    before the cache carried a digest."""
+    if not path.exists():
+        return None
+    try:
+        if not check_safetensors(path):
+            log.info("%s: token cache without a digest (an older evoexp); tokenizing again", path)
+            return None
+        return load_file(path)["tokens"].long()
+    except DamagedFile as ex:
+        log.warning("%s: damaged (%s); tokenizing again", path, ex.why)
+        return None
 
 
 def _tokenize(text: str, tokenizer) -> torch.Tensor:

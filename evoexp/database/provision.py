@@ -11,7 +11,7 @@ from dataclasses import asdict
 from typing import Callable, ContextManager
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from evoexp.blockrun import BlockRunner
 from evoexp.config import DatabaseCfg
@@ -21,7 +21,8 @@ from evoexp.database.store import Database, DatabaseSpec
 from evoexp.errors import Stop, UserError
 from evoexp.solvers.capture import activation_norms
 from evoexp.solvers.registry import solver_class
-from evoexp.utils import atomic_path, cache_root, stable_hash
+from evoexp.tensorfiles import check_safetensors, save_safetensors
+from evoexp.utils import DamagedFile, cache_root, stable_hash
 
 log = logging.getLogger(__name__)
 Calibration = tuple[torch.Tensor, WindowProtocol]
@@ -139,11 +140,21 @@ class DatabaseProvider:
         key = stable_hash({"model": self.fingerprint, "calibration": proto.as_dict(), "dtype": self.compute_dtype,
                            "batch": self.cfg.batch})
         path = cache_root() / "act_norms" / f"{self.model_name}-{key}.safetensors"
-        if path.exists():
+        if path.exists() and intact(path):
             return load_file(str(path))
         self.dense()
         norms = activation_norms(runner, windows, self.cfg.batch)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in norms.items()}, str(tmp))
+        save_safetensors({k: v.contiguous() for k, v in norms.items()}, path)
         return norms
+
+
+def intact(path) -> bool:
+    """A cache file written with its digest and unchanged since; anything else is recomputed (with a warning)."""
+    try:
+        if check_safetensors(path):
+            return True
+        log.warning("%s: written without a digest; recomputing it", path)
+    except DamagedFile as ex:
+        log.warning("%s; recomputing it", ex)
+    return False

@@ -12,6 +12,10 @@ Per layer, for the baselines: `errors` (the relative reconstruction error ⟨ΔW
 with H the layer's calibration Hessian, or the identity for data-free solvers) and `act_norm` (‖x_j‖ per input
 column, when the solver saw data).
 A layer file exists only when all its levels are done, which is what makes a killed build resumable per layer.
+Each layer file carries a sha256 of its bytes (`evoexp.tensorfiles.save_safetensors`), checked once per process before
+the layer is used: a damaged layer is removed with a warning and built again like a missing one, and a damaged
+manifest is written anew (the directory's name is the spec's hash); layer files written before digests are used
+as they are.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from evoexp.errors import UserError
 from evoexp.solvers.quant import QuantizedWeight
-from evoexp.utils import atomic_path, read_json, stable_hash, write_json
+from evoexp.tensorfiles import check_safetensors, save_safetensors
+from evoexp.utils import DamagedFile, read_cached_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 FORMAT = 2
@@ -83,9 +87,10 @@ class Database:
         self.dtype = getattr(torch, spec.dtype)
         self.manifest = self.path / "manifest.json"
         self._handles: dict[str, object] = {}
-        if self.manifest.exists():
-            stored = read_json(self.manifest)
-            if stored.get("spec") != json.loads(json.dumps(asdict(spec))):
+        self._verified: set[str] = set()  # layers whose file was checked against its digest by this process
+        stored = read_cached_json(self.manifest)  # damaged: removed (with a warning) and written anew below
+        if stored is not None:
+            if not isinstance(stored, dict) or stored.get("spec") != json.loads(json.dumps(asdict(spec))):
                 raise UserError(f"database: {self.path} holds a database for a different spec (same hash); "
                                 "remove it or set database.dir elsewhere")
         else:
@@ -97,7 +102,20 @@ class Database:
         return self.path / "layers" / f"{name}.safetensors"
 
     def has(self, name: str) -> bool:
-        return self.layer_file(name).exists()
+        """Whether the layer is built, its file checked (once per process); a damaged file is removed, with a
+        warning, so the build makes it again."""
+        path = self.layer_file(name)
+        if name in self._verified or not path.exists():
+            return path.exists()
+        try:
+            check_safetensors(path)
+        except DamagedFile as ex:
+            log.warning("database layer %s: %s: damaged (%s); removed, it is built again", name, path, ex.why)
+            self._handles.pop(name, None)
+            path.unlink(missing_ok=True)
+            return False
+        self._verified.add(name)
+        return True
 
     def save_layer(self, name: str, shape: tuple[int, int], results: list,
                    extra: dict[str, torch.Tensor] | None = None) -> None:
@@ -114,9 +132,9 @@ class Database:
             meta["sym"] = json.dumps(bool(results[0].sym))
         target = self.layer_file(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(target) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+        save_safetensors(tensors, target, metadata=meta)  # atomic, with the digest of its bytes
         self._handles.pop(name, None)
+        self._verified.add(name)
 
     def mark_complete(self, info: dict) -> None:
         missing = [n for n in self.spec.grid if not self.has(n)]
@@ -126,17 +144,37 @@ class Database:
 
     @property
     def complete(self) -> bool:
-        return self.manifest.exists() and read_json(self.manifest).get("complete", False)
+        """The manifest says the build finished and every layer file checks out (a damaged one is removed and the
+        database counts as incomplete again, so it is rebuilt)."""
+        stored = read_cached_json(self.manifest)
+        if not isinstance(stored, dict) or not stored.get("complete", False):
+            return False
+        missing = [name for name in self.spec.grid if not self.has(name)]
+        if missing:
+            log.warning("database %s: %d layer(s) missing or damaged (e.g. %s): building them again", self.path,
+                        len(missing), missing[0])
+            write_json(self.manifest, {"key": self.key, "spec": asdict(self.spec), "complete": False})
+            return False
+        return True
 
     def info(self) -> dict:
-        return {k: v for k, v in read_json(self.manifest).items() if k != "spec"}
+        stored = read_cached_json(self.manifest)
+        return {k: v for k, v in (stored if isinstance(stored, dict) else {}).items() if k != "spec"}
 
     # --- reading -----------------------------------------------------------------------------------------------
     def _open(self, name: str):
         if name not in self._handles:
-            if not self.has(name):
+            path = self.layer_file(name)
+            if not path.exists():
                 raise KeyError(f"database {self.path}: layer {name} not built")
-            self._handles[name] = safe_open(str(self.layer_file(name)), framework="pt")  # memory-mapped
+            fix = "remove it and run the same command again: the layer is built anew"
+            if name not in self._verified:
+                check_safetensors(path, what_to_do=fix)
+                self._verified.add(name)
+            try:
+                self._handles[name] = safe_open(str(path), framework="pt")  # memory-mapped
+            except Exception as ex:  # noqa: BLE001 - safetensors' own check of a file without a digest
+                raise DamagedFile(path, f"unreadable: {str(ex).strip()[:200]}", fix) from None
         return self._handles[name]
 
     def shape(self, name: str) -> tuple[int, int]:

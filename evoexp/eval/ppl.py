@@ -15,7 +15,7 @@ from torch import nn
 from evoexp.config import EvalCfg
 from evoexp.data import eval_windows, load_tokens
 from evoexp.models import LoadedModel
-from evoexp.utils import KeyedLog, cache_root, progress, read_json, stable_hash, write_json
+from evoexp.utils import KeyedLog, cache_root, progress, read_cached_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,27 +41,51 @@ def parameters_as(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
 
 @torch.inference_mode()
 def windows_nll(loaded: LoadedModel, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 2048,
-                desc: str = "ppl") -> tuple[float, int]:
+                desc: str = "ppl", kept: KeyedLog | None = None) -> tuple[float, int]:
     """Summed NLL (fp64) and count over every predicted position: position t predicts token t+1 of its window.
 
-    Logits are computed in chunks of `chunk_tokens` positions, so no [batch, seq, vocab] tensor is formed.
+    Logits are computed in chunks of `chunk_tokens` positions, so no [batch, seq, vocab] tensor is formed. With
+    `kept`, every window's sum is kept as soon as it is computed and the windows it already holds are skipped, so
+    an evaluation killed at window k goes on from window k; the total is summed in window order either way.
     """
     device = next(loaded.model.parameters()).device
-    nll, count = 0.0, 0
-    bar = progress(total=windows.shape[0], desc=desc, unit="win")
-    for start in range(0, windows.shape[0], batch_size):
-        x = windows[start: start + batch_size].to(device)
+    done = {int(k): v for k, v in kept.done.items()} if kept is not None else {}
+    todo = [i for i in range(windows.shape[0]) if i not in done]
+    if done:
+        log.info("%s: %d of %d windows computed by an earlier run (%s)", desc, len(done), windows.shape[0],
+                 kept.path)
+    bar = progress(total=windows.shape[0], initial=len(done), desc=desc, unit="win")
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start: start + batch_size]
+        x = windows[rows].to(device)
         hidden = loaded.adapter.hidden_states(x)[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        targets = x[:, 1:].reshape(-1)
-        for i in range(0, targets.numel(), chunk_tokens):
-            logits = loaded.adapter.logits(hidden[i: i + chunk_tokens]).float()
-            nll += F.cross_entropy(logits, targets[i: i + chunk_tokens], reduction="sum").double().item()
-        count += targets.numel()
-        bar.update(x.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(nll / count):.3f}")
+        for row, h, targets in zip(rows, hidden, x[:, 1:]):
+            nll = 0.0
+            for i in range(0, targets.numel(), chunk_tokens):
+                logits = loaded.adapter.logits(h[i: i + chunk_tokens]).float()
+                nll += F.cross_entropy(logits, targets[i: i + chunk_tokens], reduction="sum").double().item()
+            done[row] = [nll, targets.numel()]
+            if kept is not None:
+                kept.add(str(row), done[row])
+        bar.update(len(rows))
+        bar.set_postfix(ppl=f"{math.exp(sum(v[0] for v in done.values()) / sum(v[1] for v in done.values())):.3f}")
     bar.close()
-    return nll, count
+    ordered = [done[i] for i in range(windows.shape[0])]
+    return sum(v[0] for v in ordered), sum(v[1] for v in ordered)
+
+
+def window_log(loaded: LoadedModel, cfg: EvalCfg, figure_key: str, dense: bool, run_dir: Path | None,
+               state_id: object) -> KeyedLog | None:
+    """Where an evaluation keeps its per-window sums until it is finished: next to the dense cache for the dense
+    model, in the run dir for a compressed state; None when the figure is not kept anywhere."""
+    context = {"figure": figure_key, "state": state_id, "batch": cfg.batch_size, "v": PPL_VERSION}
+    if dense and cfg.cache_dense:  # shared by every run of this model and protocol, like the dense figure
+        context["state"] = "dense"
+        return KeyedLog(cache_root() / "dense_ppl" / f"{figure_key}.windows.jsonl", context, field="nll")
+    if run_dir is not None and state_id is not None:
+        name = stable_hash({"model": loaded.fingerprint, **context})
+        return KeyedLog(Path(run_dir) / "scores" / "ppl_windows" / f"{name}.jsonl", context, field="nll")
+    return None
 
 
 def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool, run_dir: Path | None = None,
@@ -87,8 +111,9 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool,
             key = stable_hash({"model": loaded.fingerprint, "protocol": proto.as_dict(), "dtype": dtype,
                                "v": PPL_VERSION})
             cache_file = cache_root() / "dense_ppl" / f"{key}.json"
-            if dense and cfg.cache_dense and cache_file.exists():
-                entry[dtype] = {**read_json(cache_file), "cached": True}
+            cached = read_cached_json(cache_file) if dense and cfg.cache_dense else None  # damaged: recomputed
+            if cached is not None:
+                entry[dtype] = {**cached, "cached": True}
                 log.info("%s %s: dense PPL %.4f (cached)", spec, dtype, entry[dtype]["ppl"])
                 continue
             kept_key = stable_hash({"figure": key, "state": state_id})
@@ -98,8 +123,9 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool,
                          kept.path)
                 continue
             t0 = time.time()
+            partial = window_log(loaded, cfg, key, dense, run_dir, state_id)
             with parameters_as(loaded.model, DTYPES[dtype]):
-                nll, count = windows_nll(loaded, windows, cfg.batch_size, desc=f"ppl {spec} {dtype}")
+                nll, count = windows_nll(loaded, windows, cfg.batch_size, desc=f"ppl {spec} {dtype}", kept=partial)
             figures = {"ppl": math.exp(nll / count), "nll": nll / count, "predicted_tokens": count,
                        "seconds": round(time.time() - t0, 2)}
             log.info("%s %s: PPL %.4f over %d windows (%.1f s)", spec, dtype, figures["ppl"], proto.windows,
@@ -109,6 +135,8 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool,
                                         "dtype": dtype})
             if kept is not None:
                 kept.add(kept_key, figures)
+            if partial is not None:  # the figure is kept whole now
+                partial.path.unlink(missing_ok=True)
             entry[dtype] = {**figures, "cached": False}
         results[spec] = entry
     return results

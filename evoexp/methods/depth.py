@@ -62,6 +62,8 @@ def check_depth_method(cfg: DropMethodCfg, num_blocks: int | None) -> None:
         raise UserError(f"method.unit: expected one of {', '.join(UNITS)}, got {cfg.unit!r}")
     if not 0.0 < cfg.target < 1.0:
         raise UserError(f"method.target: expected a fraction in (0, 1), got {cfg.target}")
+    if any(b < 0 for b in cfg.droppable or []):
+        raise UserError(f"method.droppable: expected block indices >= 0, got {list(cfg.droppable)}")
     if num_blocks is not None:
         drop_segments(cfg, num_blocks)
 

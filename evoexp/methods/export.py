@@ -50,7 +50,7 @@ def export_allocation(model, tokenizer, alloc, allocation: dict, card: str, fmt:
         save_compressed_tensors(model, alloc, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    write_json(out / "allocation.json", allocation)
+    write_json(out / "allocation.json", allocation, digest=False)  # shipped with the model: plain JSON
     (out / "README.md").write_text(card)
     log.info("exported %s to %s", fmt, out)
     return out
@@ -187,7 +187,7 @@ def save_gptq(model, alloc, out: Path) -> None:
               "desc_act": desc_act, "sym": sym, "checkpoint_format": fmt, "format": fmt, "pack_dtype": "int32",
               "lm_head": False, "dynamic": dynamic, "meta": {"quantizer": [f"evoexp:{__version__}"]}}
     _write_checkpoint(model, out, state, config)
-    write_json(out / "quantize_config.json", config)
+    write_json(out / "quantize_config.json", config, digest=False)  # read by GPTQ loaders: plain JSON
 
 
 def _check_gptq(name: str, q) -> None:

@@ -11,8 +11,8 @@ from evoexp.database import Database
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
 from evoexp.search.space import LevelSpace
+from evoexp.solvers.quant import MAX_BITS
 
-MAX_BITS = 8
 
 
 @dataclass

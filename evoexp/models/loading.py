@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ from evoexp.config import ModelCfg
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.tiny import byte_tokenizer, tiny_llama
-from evoexp.utils import cache_root, cached_file_hash, file_hash, stable_hash
+from evoexp.utils import DamagedFile, cache_root, cached_file_hash, file_hash, read_json, stable_hash, write_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -116,30 +115,89 @@ def embedded_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
     digest = file_hash(gguf)
     fingerprint = f"embedded:{cfg.name}:{digest}:v{CONVERSION_VERSION}"
     target = cache_root() / "models" / f"{cfg.name}-{digest}-v{CONVERSION_VERSION}"
-    if not (target / "evoexp_source.json").exists():
+    if not (target / SOURCE_FILE).exists():
         _convert_gguf(gguf, target, digest)
+    else:
+        problem = conversion_problem(target)
+        if problem == "no digests":  # converted by an older evoexp: convert again once to check it and record them
+            log.info("%s: converted before evoexp recorded its digests; converting again once to check it", target)
+            _convert_gguf(gguf, target, digest)
+        elif problem is not None:
+            log.warning("%s: damaged (%s); converting the GGUF again", target, problem)
+            _convert_gguf(gguf, target, digest)
     return str(target), fingerprint, str(gguf)
 
 
-def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
+SOURCE_FILE = "evoexp_source.json"  # where the GGUF came from, and the sha256 of every file converted from it
+
+
+def conversion_problem(target: Path) -> str | None:
+    """What is wrong with a converted checkpoint (None: every file matches the digest recorded at conversion;
+    "no digests": converted before they were recorded). Hashing the embedded model's files takes about 0.6 s."""
+    try:
+        source = read_json(target / SOURCE_FILE)
+    except DamagedFile as ex:
+        return f"{SOURCE_FILE}: {ex.why}"
+    except OSError as ex:
+        return f"{SOURCE_FILE} unreadable ({type(ex).__name__})"
+    files = source.get("files") if isinstance(source, dict) else None
+    if not isinstance(files, dict):
+        return "no digests"
+    for name, want in files.items():
+        path = target / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if file_hash(path, 64) != want:
+            return f"{name} does not match the digest recorded when it was converted"
+    return None
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """The GGUF's model and tokenizer, dequantized to fp32, saved as a Hugging Face checkpoint in `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s once into %s (about 15 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # save_pretrained refuses a model that still carries the GGUF quantizer; the weights are plain fp32 now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
+    """Convert into a temp dir beside `target`, record every file's sha256, then put it in place; a `target`
+    already there (damaged, or without digests) is replaced, or, when its files equal the new ones, only gets
+    the digests recorded."""
+    log.info("dequantizing %s once into %s (about 15 s)", gguf.name, target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "evoexp_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256_16": digest}) + "\n")
+    _dequantize(gguf, tmp)
+    files = {p.name: file_hash(p, 64) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != SOURCE_FILE}
+    write_json(tmp / SOURCE_FILE, {"gguf": str(gguf), "sha256_16": digest, "files": files})
+    if target.exists():
+        weights = [n for n in files if n.endswith(WEIGHT_SUFFIXES)]
+        try:
+            same = all(file_hash(target / n, 64) == files[n] for n in weights)
+        except OSError:
+            same = False
+        if same:  # the weights are intact (an older conversion, or damage elsewhere): renew only the small files
+            for name in [*(n for n in files if n not in weights), SOURCE_FILE]:
+                os.replace(tmp / name, target / name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    old = target.with_name(target.name + f".old{os.getpid()}")
+    if target.exists():
+        try:
+            os.replace(target, old)  # out of the way (a process still reading it keeps its open files)
+        except OSError:  # another process moved it first
+            pass
     try:
         os.replace(tmp, target)
-    except OSError:  # another process finished the same conversion first
+    except OSError:  # another process put its own fresh conversion in place first
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
@@ -188,25 +246,3 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return True
     except OSError:
         return False
-
-
-def peek_num_blocks(cfg: ModelCfg) -> int | None:
-    """The model's number of decoder blocks when it can be known without loading it (config checks run before
-    the load): the tiny model's setting, a local checkpoint's or an already converted embedded model's
-    config.json; None otherwise (the check then runs once the model is loaded)."""
-    if cfg.source == "tiny":
-        return cfg.tiny.num_layers
-    if cfg.source == "hf" and cfg.path and Path(cfg.path, "config.json").is_file():
-        config = Path(cfg.path, "config.json")
-    elif cfg.source == "embedded":  # converted under a digest of the GGUF: known once it has been converted
-        found = list((cache_root() / "models").glob(f"{cfg.name}-*-v{CONVERSION_VERSION}/config.json"))
-        if len(found) != 1:
-            return None
-        config = found[0]
-    else:
-        return None
-    try:
-        layers = json.loads(config.read_text()).get("num_hidden_layers")
-    except (OSError, json.JSONDecodeError):
-        return None
-    return layers if isinstance(layers, int) else None

@@ -26,7 +26,8 @@ class DenseRecipe:
         model = ModelEval()
         if rc.eval.ppl and rc.eval.datasets:
             with ctx.timed("eval_ppl"):
-                model.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=True)
+                model.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=True, run_dir=ctx.out_dir,
+                                         state_id="dense")
         if rc.eval.zeroshot.tasks:
             with ctx.timed("eval_zeroshot"):
                 model.zeroshot = evaluate_zeroshot(ctx.loaded, rc.eval.zeroshot, rc.dtype.value, dense=True,

@@ -12,9 +12,10 @@ from evoexp.fitness import Teacher, minibatch
 from evoexp.methods.depth import (SCORE_BASELINES, DepthSpace, brute_force, check_depth_method, depth_space,
                                   random_best, score_baseline)
 from evoexp.methods.drop import DropApplier, export_dropped
-from evoexp.models import peek_num_blocks
+from evoexp.models.peek import peek_blocks
 from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
                                    rng_for, run_evopress)
+from evoexp.recipes.checks import check_calibration, check_search, evopress_tokens
 from evoexp.recipes.contract import RecipeContext, RecipeResult
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.utils import write_json
@@ -37,7 +38,12 @@ class DepthPruningRecipe:
             raise UserError(f"search.references: {bad[0]!r} is not a depth baseline ({', '.join(SCORE_BASELINES)})")
         if rc.export.kind not in EXPORTS:
             raise UserError(f"export: method=drop exports as hf, not {rc.export.kind}")
-        check_depth_method(rc.method, peek_num_blocks(rc.model))
+        check_depth_method(rc.method, peek_blocks(rc.model))
+        check_search(s)
+        if isinstance(s, EvoPressCfg):
+            check_calibration(rc, evopress_tokens(s))
+        elif s.kind in ("random", "brute"):  # their minibatch is drawn uncapped
+            check_calibration(rc, [("search.tokens", s.tokens)])
 
     def __init__(self, ctx: RecipeContext):
         self.ctx, self.rc = ctx, ctx.rc

@@ -123,12 +123,14 @@ class LayerwiseRecipe:
                      s.init_candidates, bits_of(lv, start, min(m.levels)), fit, s.init_tokens)
             init = "given"
         evaluator = self.state_evaluator(lv, db, s.max_batch, s.incremental)
+        # decodes of database levels, counted across processes with the search's own counters (search_state.json)
+        evaluator.extra_counters["level_loads"] = lambda: self.appliers[db.key].loads if db.key in self.appliers else 0
         result = run_evopress(self.ctx, evopress_settings(s, self.kind.default_generations, init), s, lv.space,
                               evaluator, start)
         return Allocation(db, lv.layers_of(result.state), {
             "kind": "evopress", "fitness": result.fitness, "generations": result.generations,
             "evaluations": evaluator.evaluations, "block_passes": evaluator.block_passes,
-            "level_loads": self.appliers[db.key].loads, "init": s.init or init})
+            "level_loads": evaluator.counters()["level_loads"], "init": s.init or init})
 
     def random(self, s: RandomSearchCfg) -> Allocation:
         db, lv = self.search_db(), self.level_space()

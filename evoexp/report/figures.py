@@ -5,14 +5,13 @@ redrawn for old runs (`evoexp-table --figures DIR`) without recomputing anything
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from evoexp.report.results import FinishedRun
-from evoexp.utils import atomic_path
+from evoexp.utils import atomic_path, read_jsonl
 
 log = logging.getLogger(__name__)
 PROJECTION_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -29,9 +28,7 @@ def _pyplot():
 
 def read_history(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "history.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if path.exists() else []
 
 
 def write_figures(run: FinishedRun) -> list[Path]:

@@ -2,12 +2,12 @@
 written schema), used by the tables, the figures and the job's closing summary."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from evoexp.errors import UserError
 from evoexp.recipes.contract import RecipeResult
+from evoexp.utils import read_json
 
 
 @dataclass
@@ -58,8 +58,8 @@ def find_runs(paths: list[str]) -> tuple[list[FinishedRun], int]:
         files = [p] if p.is_file() else sorted(p.rglob("result.json"))
         for f in files:
             try:
-                r = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as ex:
+                r = read_json(f)  # a damaged file stops here in one line (DamagedFile)
+            except OSError as ex:
                 raise UserError(f"{f}: not a readable result.json ({ex})") from None
             if r.get("status") != "done":
                 unfinished += 1

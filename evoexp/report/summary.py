@@ -10,6 +10,7 @@ def print_summary(run: FinishedRun) -> None:
     print(f"\n{run.name}  ({run.model}, {params})  ->  {run.run_dir}")
     if run.recipe.compared:
         print_models(run)
+        print_files(run)
         return
     found = run.recipe.found_model
     for spec, entry in (found.ppl or {}).items():
@@ -54,3 +55,12 @@ def print_models(run: FinishedRun) -> None:
     for name, m in models.items():
         if m.zeroshot:
             print_zeroshot(m.zeroshot, f" {name}")
+
+
+def print_files(run: FinishedRun) -> None:
+    """Where the run's figures and exported model are."""
+    figures = sorted((run.run_dir / "figures").glob("*.png"))
+    if figures:
+        print(f"  figures: {', '.join(str(p) for p in figures)}")
+    if (run.run_dir / "model" / "config.json").exists():
+        print(f"  model: {run.run_dir / 'model'} (AutoModelForCausalLM.from_pretrained loads it)")

@@ -6,6 +6,10 @@ computed only as far as the fitness needs them (see `Teacher`).
 
 A one-off scoring (one with a `desc`, e.g. best of 64 random, which takes about half an hour on the embedded
 model here) keeps each fitness in the run dir as it is taken, so a killed run scores only what is left.
+
+Work counters (`evaluations`, `block_passes`, and any `extra_counters` such as a LevelApplier's decodes) count
+the work of this process; `counters()` / `restore_counters()` let a resumed search carry an earlier process's
+counts, and `credit_reused()` counts the scores a one-off scoring took from the run dir as the work they were.
 """
 from __future__ import annotations
 
@@ -43,6 +47,34 @@ class CandidateEvaluator:
         self._windows_hash: str | None = None
         self.evaluations = 0
         self.block_passes = 0  # decoder-block forwards (times sequences), the unit of search cost
+        # more counters to carry across processes, by name: a getter of this process's count (e.g. level_loads)
+        self.extra_counters: dict[str, Callable[[], int]] = {}
+        self._carried: dict[str, int] = {}  # added to the extra counters: an earlier process's count
+        self.reused = {"evaluations": 0, "block_passes": 0}  # what the scores reused from the run dir cost
+
+    def counters(self) -> dict[str, int]:
+        """Every work counter, including what an earlier process of a resumed search counted."""
+        out = {"evaluations": self.evaluations, "block_passes": self.block_passes}
+        for name, get in self.extra_counters.items():
+            out[name] = int(get()) + self._carried.get(name, 0)
+        return out
+
+    def restore_counters(self, saved: dict[str, int]) -> None:
+        """Resuming a search: the counts become those saved with its checkpoint, plus what this process does from
+        now on (what it did before, such as scores it took from the run dir, is in the saved counts already)."""
+        self.evaluations = int(saved.get("evaluations", self.evaluations))
+        self.block_passes = int(saved.get("block_passes", self.block_passes))
+        self.reused = {"evaluations": 0, "block_passes": 0}
+        for name, get in self.extra_counters.items():
+            if name in saved:
+                self._carried[name] = int(saved[name]) - int(get())
+
+    def credit_reused(self) -> None:
+        """Count the scores one-off scorings took from the run dir as the forwards that produced them (an earlier
+        process ran them), so a search resumed inside its start counts what an uninterrupted one does."""
+        self.evaluations += self.reused["evaluations"]
+        self.block_passes += self.reused["block_passes"]
+        self.reused = {"evaluations": 0, "block_passes": 0}
 
     @torch.inference_mode()
     def score(self, states: list[np.ndarray], batch: Minibatch, parent: np.ndarray | None = None,
@@ -56,6 +88,8 @@ class CandidateEvaluator:
         if known:
             log.info("%s: %d of %d candidates were scored by an earlier run (%s)", desc, len(known), len(states),
                      score_log.path)
+        if known:
+            self._note_reused([states[i] for i in known], parent, batch, all_known=len(known) == len(states))
         if len(known) == len(states):
             return [known[i] for i in range(len(states))]
         device = next(self.teacher.adapter.model.parameters()).device
@@ -80,6 +114,24 @@ class CandidateEvaluator:
         if bar is not None:
             bar.close()
         return out
+
+    def _note_reused(self, states: list[np.ndarray], parent, batch: Minibatch, all_known: bool) -> None:
+        """Add what scoring `states` would have cost to `reused` (the counts `_forward` makes)."""
+        sequences = sum(len(ids) for ids, _ in batch.groups(self.max_batch))
+        blocks = self.runner.num_blocks
+        incremental = parent is not None and self.incremental
+        if incremental and all_known:  # the parent's forward, skipped with them
+            self.reused["evaluations"] += 1
+            self.reused["block_passes"] += blocks * sequences
+        for state in states:
+            start = 0
+            if incremental:
+                changed = np.flatnonzero(state != parent)
+                if changed.size == 0:
+                    continue  # the parent's own fitness: no forward
+                start = int(self.unit_block[changed].min())
+            self.reused["evaluations"] += 1
+            self.reused["block_passes"] += (blocks - start) * sequences
 
     def _score_log(self, desc: str | None, batch: Minibatch) -> KeyedLog | None:
         if desc is None or self.scores_dir is None:

@@ -3,13 +3,14 @@
 Each generation: λ distinct children of the parent (each with min(U{1..3}, U{1..3}) switches); every stage
 scores all remaining candidates on the same fresh random minibatch and keeps the best `survivors`; the parent
 joins at the last stage only (elitism, re-scored on fresh data as in the authors' code). The search state
-(parent, RNG, generation, history) is checkpointed atomically after every generation, so a killed run resumes
-and ends exactly where an uninterrupted one with the same seed would.
+(parent, RNG, generation, history, work counters) is checkpointed atomically after every generation, so a killed
+run resumes and ends exactly where an uninterrupted one with the same seed would, with the same counts of work
+(`evaluator.evaluations`, `block_passes`: those of the checkpoint resumed from, plus what is done after it).
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from evoexp.errors import UserError
 from evoexp.fitness import Minibatch
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.space import LevelSpace
-from evoexp.utils import append_jsonl, read_json, stable_hash, write_json
+from evoexp.utils import append_jsonl, jsonl_line, read_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 Sampler = Callable[[int, np.random.Generator], Minibatch]
@@ -68,8 +69,8 @@ class EvoPress:
         self.seed, self.on_generation, self.start, self.track = seed, on_generation, start, track
         if (settings.init == "given") != (start is not None):
             raise ValueError("EvoPress: init='given' goes with a start state, and only with it")
-        self.state_file = run_dir / "search_state.json" if run_dir else None
-        self.history_file = run_dir / "history.jsonl" if run_dir else None
+        self.state_file = Path(run_dir) / "search_state.json" if run_dir else None
+        self.history_file = Path(run_dir) / "history.jsonl" if run_dir else None
         # tracking does not change the search path, so turning it on keeps a run resumable
         searched = {k: v for k, v in asdict(settings).items() if k != "track_every"}
         self.key = stable_hash({"settings": searched, "names": space.names, "targets": space.targets,
@@ -139,6 +140,9 @@ class EvoPress:
             cands = self.space.random_states(rng, self.s.init_candidates, self.s.max_tries)
             # a one-off scoring (init_candidates forwards before the first checkpoint): resumable, with a bar
             fits = self.evaluator.score(cands, self.sample(self.s.init_tokens, rng), desc="search start")
+            credit = getattr(self.evaluator, "credit_reused", None)
+            if credit is not None:  # scores an earlier, killed process took count as the work they were
+                credit()
             best = int(np.argmin(fits))
             parent, fit = cands[best], float(fits[best])
         else:
@@ -156,23 +160,67 @@ class EvoPress:
             return
         write_json(self.state_file, {"key": self.key, "generation": gen, "parent": parent.tolist(),
                                      "parent_fitness": parent_fit, "rng": rng.bit_generator.state,
-                                     "history": history})
+                                     "history": history, "counters": self._counters()})
         append_jsonl(self.history_file, record)
+
+    def _counters(self) -> dict[str, int]:
+        """The evaluator's work counters (a CandidateEvaluator's `counters()`, else its `evaluations`)."""
+        counters = getattr(self.evaluator, "counters", None)
+        if callable(counters):
+            return counters()
+        return {"evaluations": int(getattr(self.evaluator, "evaluations", 0))}
 
     def _resume(self):
         if self.state_file is None or not self.state_file.exists():
             return None
-        saved = read_json(self.state_file)
-        if saved.get("key") != self.key:
-            raise UserError(f"{self.state_file}: holds a search with other settings; resume=false starts over")
+        fix = "delete it (or run with resume=false) to start the search over"
+        saved = read_json(self.state_file, what_to_do=fix)
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            if isinstance(saved, dict) and isinstance(saved.get("key"), str):
+                raise UserError(f"{self.state_file}: holds a search with other settings; resume=false starts over")
+            raise UserError(f"{self.state_file}: damaged (no search key); {fix}")
+        problem = self._inconsistency(saved)
         rng = np.random.Generator(np.random.PCG64())
-        rng.bit_generator.state = saved["rng"]
+        if problem is None:
+            try:
+                rng.bit_generator.state = saved["rng"]
+            except (TypeError, ValueError, KeyError, OverflowError) as ex:
+                problem = f"its random generator state does not load ({type(ex).__name__})"
+        if problem is not None:
+            raise UserError(f"{self.state_file}: damaged or inconsistent ({problem}); {fix}")
         history = saved["history"]
         # history.jsonl may hold a line of a generation that was not checkpointed: rewrite it from the state.
-        self.history_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        self.history_file.write_text("".join(jsonl_line(h) for h in history))
+        if isinstance(saved.get("counters"), dict):  # earlier versions kept none: counts start from this process
+            restore = getattr(self.evaluator, "restore_counters", None)
+            if restore is not None:
+                restore(saved["counters"])
+            elif "evaluations" in saved["counters"] and hasattr(self.evaluator, "evaluations"):
+                self.evaluator.evaluations = saved["counters"]["evaluations"]
         log.info("resuming search at generation %d/%d (fitness %.5f)", saved["generation"], self.s.generations,
                  saved["parent_fitness"])
         return rng, saved["generation"], np.array(saved["parent"], dtype=np.int64), saved["parent_fitness"], history
+
+    def _inconsistency(self, saved: dict) -> str | None:
+        """What makes a checkpoint impossible for this search (None: nothing); a digest catches damage, this
+        catches a state edited or written by other code: an over-budget parent would otherwise surface much
+        later as a search setting's fault."""
+        gen, parent, fit, history = (saved.get(k) for k in ("generation", "parent", "parent_fitness", "history"))
+        if not isinstance(gen, int) or isinstance(gen, bool) or not 0 <= gen <= self.s.generations:
+            return f"generation {gen!r} is not one of 0..{self.s.generations}"
+        if not isinstance(parent, list) or len(parent) != self.space.size or \
+                not all(isinstance(v, int) and not isinstance(v, bool) for v in parent):
+            return f"the parent is not a list of {self.space.size} integer levels"
+        if not self.space.feasible(np.array(parent, dtype=np.int64)):
+            return "the parent is outside the level range or off the budget"
+        if not isinstance(fit, (int, float)) or isinstance(fit, bool) or math.isnan(fit):
+            return f"parent fitness {fit!r} is not a number"
+        if not isinstance(history, list) or len(history) != gen or \
+                not all(isinstance(h, dict) and h.get("generation") == i + 1 for i, h in enumerate(history)):
+            return f"its history does not hold generations 1..{gen}"
+        if history and (history[-1].get("parent") != parent or history[-1].get("parent_fitness") != fit):
+            return "the parent is not the last generation's"
+        return None
 
     def _progress(self, gen: int, fit: float, t_start: float, done_at_start: int) -> None:
         per_gen = (time.time() - t_start) / max(1, gen - done_at_start)

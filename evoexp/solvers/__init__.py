@@ -12,7 +12,8 @@ import torch
 
 from evoexp.solvers.hessian import HessianAccumulator, prepare
 from evoexp.solvers.obs import block_counts, gptq, rtn, sparsegpt
-from evoexp.solvers.quant import QuantizedWeight
+from evoexp.errors import check_min, check_positive, fail
+from evoexp.solvers.quant import MAX_BITS, QuantizedWeight
 
 __all__ = ["SparseGPT", "GPTQ", "RTN", "Wanda", "Magnitude", "QuantizedWeight", "HessianAccumulator", "prepare"]
 
@@ -47,6 +48,15 @@ class SparseGPT(_Solver):
         self.bits, self.group_size, self.sym = bits, group_size, sym  # bits: joint quantization of kept weights
         self.damp_used = None
 
+    @staticmethod
+    def check_config(cfg) -> None:
+        """One-line UserErrors for a SparseGPTCfg, before the model loads."""
+        check_min(cfg.damp, "solver.damp", 0)
+        check_positive(cfg.blocksize, "solver.blocksize")
+        if cfg.bits is not None and not 1 <= cfg.bits <= MAX_BITS:
+            fail("solver.bits", f"a bit-width between 1 and {MAX_BITS} or null", cfg.bits)
+        check_min(cfg.group_size, "solver.group_size", 0)
+
     def compress(self, sparsities: list[float]) -> list[torch.Tensor]:
         U, dead, self.damp_used = prepare(self.hessian.H, self.W, self.damp, name=self.name)
         out = sparsegpt(self.W.to(U.device), U, sparsities, self.nm, self.blocksize, dead,
@@ -64,6 +74,13 @@ class GPTQ(_Solver):
         self.damp, self.blocksize, self.group_size = damp, blocksize, group_size
         self.sym, self.mse, self.act_order, self.static_groups = sym, mse, act_order, static_groups
         self.damp_used = None
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """One-line UserErrors for a GPTQCfg, before the model loads."""
+        check_min(cfg.damp, "solver.damp", 0)
+        check_positive(cfg.blocksize, "solver.blocksize")
+        check_min(cfg.group_size, "solver.group_size", 0)  # 0: one grid per output row
 
     def compress(self, bits: list[int]) -> list[QuantizedWeight]:
         H = self.hessian.H
@@ -84,6 +101,11 @@ class RTN(_Solver):
         self.W, self.name = weight.detach(), name
         self.group_size, self.sym, self.mse, self.scale_dtype = group_size, sym, mse, scale_dtype
         self.hessian = None
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        """One-line UserErrors for an RTNCfg, before the model loads."""
+        check_min(cfg.group_size, "solver.group_size", 0)  # 0: one grid per output row
 
     def add_batch(self, inp: torch.Tensor) -> None:  # RTN needs no calibration inputs
         pass

@@ -155,6 +155,12 @@ def check_fista(cfg) -> None:
     for key in ("iters", "bisect_steps", "refit_iters"):
         if getattr(cfg, key) < 0:
             raise UserError(f"solver.{key}: expected >= 0, got {getattr(cfg, key)}")
+    if not cfg.damp >= 0:
+        raise UserError(f"solver.damp: expected >= 0, got {cfg.damp}")
+    if cfg.blocksize < 1:
+        raise UserError(f"solver.blocksize: expected >= 1, got {cfg.blocksize}")
+    if not cfg.tol >= 0:
+        raise UserError(f"solver.tol: expected >= 0, got {cfg.tol}")
 
 
 @dataclass

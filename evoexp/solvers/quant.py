@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_BITS = 8  # the widest grid a layer may take: codes are stored as uint8 and packed by the exports
+
 
 @dataclass
 class Grid:
