@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/evoexp experiment=dense_reference
-	$(BIN)/evoexp
+	$(BIN)/evoexp experiment=demo
 
 test: install
 	$(BIN)/python -m pytest -q
