@@ -200,20 +200,28 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
+def hf_local_dir(cfg: ModelCfg) -> Path | None:
+    """The local checkpoint dir model.path names (None: a Hub id); one-line errors for what cannot be one."""
     if not cfg.path:
         raise UserError("model.path: required for model=hf (a local checkpoint dir or a Hub id)")
     local = Path(os.path.expanduser(cfg.path))
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise UserError(f"model.path {cfg.path!r}: directory has no config.json (not an HF checkpoint)")
+        return local
+    if local.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
+        raise UserError(f"model.path {cfg.path!r}: no such checkpoint directory")
+    return None
+
+
+def hf_checkpoint(cfg: ModelCfg) -> tuple[str, str, str]:
+    local = hf_local_dir(cfg)
+    if local is not None:
         # Sizes alone do not tell two checkpoints of one architecture apart: hash the weight files' contents.
         files = {p.name: cached_file_hash(p) if p.suffix in WEIGHT_SUFFIXES else p.stat().st_size
                  for p in sorted(local.iterdir()) if p.is_file()}
         config = (local / "config.json").read_text()
         return str(local), "local:" + stable_hash({"config": config, "files": files}), str(local.resolve())
-    if local.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
-        raise UserError(f"model.path {cfg.path!r}: no such checkpoint directory")
     snapshot = _hub_snapshot(cfg.path, cfg.revision)
     return snapshot, f"hub:{cfg.path}@{Path(snapshot).name}", cfg.path
 

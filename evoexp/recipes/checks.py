@@ -19,6 +19,7 @@ from evoexp.config import (BruteSearchCfg, DPSearchCfg, EvoPressCfg, ModelCfg, O
 from evoexp.errors import UserError, check_above, check_choice, check_min, check_positive, check_tokens, fail
 from evoexp.eval.zeroshot import parse_shard
 from evoexp.fitness import KINDS
+from evoexp.models.loading import hf_local_dir
 from evoexp.models.peek import hub_config, peek_context
 from evoexp.utils import cache_root
 
@@ -130,15 +131,8 @@ def check_model(m: ModelCfg) -> None:
 def check_hf_path(m: ModelCfg) -> None:
     """A local checkpoint dir must exist with its config.json; a Hub id offline must be in the HF cache (the same
     messages as `evoexp.models.loading.hf_checkpoint`, which makes these checks again when it loads)."""
-    if not m.path:
-        raise UserError("model.path: required for model=hf (a local checkpoint dir or a Hub id)")
-    local = Path(os.path.expanduser(m.path))
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UserError(f"model.path {m.path!r}: directory has no config.json (not an HF checkpoint)")
+    if hf_local_dir(m) is not None:
         return
-    if local.exists() or m.path.startswith((".", "/", "~")) or m.path.count("/") != 1:
-        raise UserError(f"model.path {m.path!r}: no such checkpoint directory")
     if os.environ.get("HF_HUB_OFFLINE") == "1" and hub_config(m) is None:
         raise UserError(f"model.path {m.path!r}: not a local directory, not in the Hugging Face cache, and the "
                         "Hub is unreachable (HF_HUB_OFFLINE=1); download it first or pass model.path=/local/dir")
