@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,21 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "evoexp", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
+
+
+def start_search(args, run_dir, env=None, generations: int = 2, **popen) -> subprocess.Popen:
+    """Start `evoexp *args` writing into `run_dir` and return once its search has logged `generations`
+    generations (to interrupt it there); fails if it ends before that."""
+    proc = subprocess.Popen([sys.executable, "-m", "evoexp", *args], env={**os.environ, **(env or {})}, cwd=ROOT,
+                            **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen))
+    deadline = time.time() + 300
+    history = Path(run_dir) / "history.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= generations:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    return proc
 
 
 @pytest.fixture(scope="session")

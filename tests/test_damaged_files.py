@@ -5,12 +5,8 @@ caches, database layers and manifest, the converted embedded model — a truncat
 caches are computed again, to exactly the figure of an undamaged run; results and search states stop with one
 line naming the file (exit 2, no traceback). Also: work counters add up across a kill and a resume."""
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +24,7 @@ from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.evopress import EvoPress, EvoPressSettings, Stage
 from evoexp.tensorfiles import check_safetensors
 from evoexp.utils import DamagedFile, KeyedLog, read_cached_json, read_json, read_jsonl, write_json
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, start_search
 
 
 # --- damaging files ---------------------------------------------------------------------------------------------
@@ -322,15 +318,7 @@ def test_cli_counters_after_a_kill_equal_an_uninterrupted_run_and_damage_stops_i
     whole = read_json(clean_dir / "result.json")
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "evoexp", *SEARCH, f"hydra.run.dir={run}"],
-                            env={**os.environ, **env}, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        history = run / "history.jsonl"
-        if history.exists() and len(history.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the search ended before it could be killed"
+    proc = start_search([*SEARCH, f"hydra.run.dir={run}"], run, env)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "result.json").exists()

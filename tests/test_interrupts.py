@@ -1,18 +1,15 @@
 """Interrupted work goes on where it stopped: a PPL evaluation from its last finished window, a Ctrl-C'd run
 with one line and exit 130, and a finished run is complete (its figures are written before result.json)."""
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from evoexp.data import eval_windows, load_tokens
 from evoexp.eval import windows_nll
 from evoexp.utils import KeyedLog
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli, start_search
 
 SEARCH = ["model=tiny", "method=drop", "search=evopress_cpu", "search.generations=6", "eval.windows=2",
           "logger=none", "fitness.report_tokens=2048"]
@@ -71,15 +68,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes_identically(tmp_path)
     assert clean.returncode == 0, clean.stderr[-2000:]
     run = tmp_path / "run"
     args = [*SEARCH, "dtype=float32", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen([sys.executable, "-m", "evoexp", *args], env={**os.environ, **env}, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        history = run / "history.jsonl"
-        if history.exists() and len(history.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
+    proc = start_search(args, run, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130
