@@ -8,6 +8,7 @@ the export formats it can be written in and its default number of EvoPress gener
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from evoexp.errors import UserError
@@ -19,7 +20,9 @@ EXPORTS = ("hf", "compressed_tensors", "gptq")  # every format a per-layer alloc
 
 
 @dataclass(frozen=True)
-class LevelKind:
+class LevelKind(ABC):
+    """The interface every per-layer kind implements (the abstract methods) on top of the shared defaults."""
+
     name: str
     default_generations: int  # EvoPress generations when search.generations is null (the paper's schedules)
     natural_format: str  # what export=auto (or method.export=true) writes
@@ -34,18 +37,21 @@ class LevelKind:
         """Whether the target lies between levels, so that no uniform allocation meets it."""
         return False
 
+    @abstractmethod
     def level_space(self, method, layers: list[LinearInfo], hidden: int) -> LayerLevels:
-        raise NotImplementedError
+        """The levels searches move between, and the database grid behind them."""
 
     def grid(self, method, layers: list[LinearInfo]) -> dict[str, list]:
         """The one-level grid of the standard one-shot pipeline (search=uniform, nothing to compare)."""
         return uniform_grid(method, layers)
 
+    @abstractmethod
     def measure(self, adapter: DecoderAdapter, alloc: Allocation) -> dict:
-        raise NotImplementedError
+        """What the model, now holding `alloc`, achieves, counted in its weights."""
 
+    @abstractmethod
     def summary(self, achieved: dict, layers: int) -> str:
-        raise NotImplementedError
+        """`achieved` in one line for the summary and the model card."""
 
 
 class SparseKind(LevelKind):
