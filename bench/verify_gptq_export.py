@@ -11,7 +11,12 @@ GPTQModel 7.7's metadata asks for torch>=2.14.1; its CPU path runs on 2.13, so i
     BUILD_CUDA_EXT=0 bench/.venv-gptqmodel/bin/pip install --no-deps gptqmodel==7.7.0
     bench/.venv-gptqmodel/bin/pip install torch==2.13.0 numpy transformers accelerate threadpoolctl safetensors \
         pypcre tokenicer logbar device-smi defuser packaging pillow requests protobuf
+`--loader from_pretrained` reads the exports with transformers' AutoModelForCausalLM.from_pretrained instead,
+which needs optimum as well (`bench/.venv-gptqmodel/bin/pip install optimum transformers==5.25.0`; measured with
+optimum 2.3.0): it ignores GPTQModel's per-layer `dynamic` widths and refuses the mixed-width CASES with a size
+mismatch; `--uniform` checks one-width exports, which it loads (with GPTQModel's torch kernel on a CPU).
 Usage: .venv/bin/python bench/verify_gptq_export.py [--gptqmodel-python bench/.venv-gptqmodel/bin/python]
+       [--loader gptqmodel|from_pretrained] [--uniform]
 """
 from __future__ import annotations
 
@@ -41,17 +46,28 @@ from evoexp.methods.layerwise import Allocation
 # partial last group; 0 is one group per row.
 CASES = [(128, False, False, [2, 3, 4, 5, 6, 8]), (64, True, True, [2, 3, 4, 8]), (0, False, False, [2, 3, 4, 8]),
          (32, True, False, [3, 5, 6])]
+# One bit-width for every layer (no `dynamic` overrides): what a reader that ignores `dynamic` can load.
+UNIFORM_CASES = [(128, True, False, [4]), (128, False, False, [4]), (128, True, False, [3]), (0, True, False, [8])]
 
 # Runs in GPTQModel's venv: load the export and dump what it computes.
 CHILD = r"""
 import sys, torch
 from gptqmodel import GPTQModel, BACKEND
-path, ids_path, out_path = sys.argv[1:]
-model = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+path, ids_path, out_path, loader = sys.argv[1:]
+if loader == "gptqmodel":
+    hf = GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+else:  # transformers' own loader, which hands GPTQ checkpoints to optimum and GPTQModel
+    import json
+    from transformers import AutoModelForCausalLM, GPTQConfig
+    qc = json.load(open(path + "/config.json"))["quantization_config"]
+    # GPTQModel's plain torch kernel: the auto-picked int4 CPU kernel needs in_features divisible by the group
+    qc["backend"] = "torch"
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16, device_map="cpu",
+                                              quantization_config=GPTQConfig.from_dict(qc))
 ids = torch.load(ids_path)
-layers = {n: m for n, m in model.model.named_modules() if hasattr(m, "qweight")}
+layers = {n: m for n, m in hf.named_modules() if hasattr(m, "qweight")}
 with torch.no_grad():
-    logits = model.model(ids).logits.float()
+    logits = hf(ids).logits.float()
     weights = {n: m.dequantize_weight().T.float() for n, m in layers.items()}
 torch.save({"logits": logits, "weights": weights, "bits": {n: m.bits for n, m in layers.items()},
             "kernels": sorted({type(m).__name__ for m in layers.values()})}, out_path)
@@ -70,7 +86,8 @@ def database(model, win, proto, root, group_size, sym, act_order, bits):
     adapter = DecoderAdapter(model)
     solver = GPTQCfg(group_size=group_size, sym=sym, act_order=act_order)
     grid = {li.name: list(bits) for li in adapter.linears()}
-    prop, reference = resolve_propagation("reference", "quant", grid, 3, 3)
+    ref = 3 if 3 in bits else bits[0]  # one width: the export of one-shot GPTQ
+    prop, reference = resolve_propagation("reference", "quant", grid, ref, ref)
     spec = DatabaseSpec(kind="quant", model={"name": "tiny576", "fingerprint": "tiny576"},
                         calibration=proto.as_dict(), solver=asdict(solver), propagation=prop, reference=reference,
                         grid=grid, dtype="float32", compute_dtype="float32")
@@ -85,7 +102,7 @@ def expected_weight(q) -> torch.Tensor:
     return q.scales.half().float()[:, idx] * (q.codes.float() - q.zeros[:, idx])
 
 
-def check(case, model, tok, win, proto, child_python: str, work: Path) -> dict:
+def check(case, model, tok, win, proto, child_python: str, work: Path, loader: str) -> dict:
     group_size, sym, act_order, bits = case
     adapter, db = database(model, win, proto, work / "db", group_size, sym, act_order, bits)
     rng = np.random.default_rng(group_size)
@@ -104,10 +121,11 @@ def check(case, model, tok, win, proto, child_python: str, work: Path) -> dict:
     tok.save_pretrained(work / "model")
     torch.save(ids, work / "ids.pt")
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")  # no torch.compile of every layer's dequant on 2 CPUs
-    run = subprocess.run([child_python, "-c", CHILD, str(work / "model"), str(work / "ids.pt"), str(work / "out.pt")],
+    run = subprocess.run([child_python, "-c", CHILD, str(work / "model"), str(work / "ids.pt"), str(work / "out.pt"),
+                          loader],
                          env=env, capture_output=True, text=True)
     if run.returncode:
-        sys.exit(f"GPTQModel failed to load the export:\n{run.stderr[-4000:]}")
+        sys.exit(f"{loader} failed to load the export:\n{run.stderr[-4000:]}")
     got = torch.load(work / "out.pt")
     config = json.loads((work / "model" / "config.json").read_text())["quantization_config"]
     widths = {n: db.spec.grid[n][i] for n, i in alloc.levels.items()}
@@ -129,17 +147,20 @@ def check(case, model, tok, win, proto, child_python: str, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gptqmodel-python", default="bench/.venv-gptqmodel/bin/python")
+    ap.add_argument("--loader", choices=["gptqmodel", "from_pretrained"], default="gptqmodel",
+                    help="GPTQModel.load, or transformers' AutoModelForCausalLM.from_pretrained (needs optimum)")
+    ap.add_argument("--uniform", action="store_true", help="only exports with one bit-width for every layer")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok, win, proto = model_and_windows()
     results = []
-    for case in CASES:
+    for case in UNIFORM_CASES if args.uniform else CASES:
         with tempfile.TemporaryDirectory() as tmp:
-            results.append(check(case, model, tok, win, proto, args.gptqmodel_python, Path(tmp)))
+            results.append(check(case, model, tok, win, proto, args.gptqmodel_python, Path(tmp), args.loader))
             print(json.dumps(results[-1]), flush=True)
     ok = all(r["bits_match"] and r["logits_max_abs_diff_vs_fp32"] < 10 * max(r["fp16_noise_floor_logits_max_abs_diff"],
                                                                               1e-3) for r in results)
-    print("OK: GPTQModel reads every case back" if ok else "MISMATCH")
+    print(f"OK: {args.loader} reads every case back" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)
 
 

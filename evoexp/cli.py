@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -15,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from evoexp.config import register_configs
-from evoexp.errors import UserError
+from evoexp.errors import DiskFull, UserError, no_space
 from evoexp.recipes.checks import run_dir_key
+from evoexp.utils import close_progress_bars
 from evoexp.run import run_job
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -71,14 +73,43 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     except UserError as ex:
         if hc.mode == RunMode.MULTIRUN:
             raise  # the other jobs of the sweep go on; Hydra reports this one at the end
+        close_progress_bars()
         print(f"evoexp: error: {ex}", file=sys.stderr)
         sys.exit(2)
+
+
+def _filename(ex: BaseException | None) -> str | None:
+    while ex is not None:
+        if isinstance(ex, OSError) and ex.filename:
+            return ex.filename
+        ex = ex.__cause__ or ex.__context__
+    return None
+
+
+def _lost_sweep_job(ex: BaseException) -> str | None:
+    """submitit's error for a SLURM job of a sweep that ended without a result (scancel, out of memory, node
+    failure, no requeue left): one line naming the job and its state or last error, not a traceback."""
+    if not any(c.__name__ == "UncompletedJobError" and c.__module__.startswith("submitit") for c in type(ex).__mro__):
+        return None
+    lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip().strip("-")]
+    if type(ex).__name__ == "FailedJobError":  # the job's Python failed outside evoexp's task (e.g. in submitit)
+        end = next((i for i, ln in enumerate(lines) if ln.startswith("You can check full logs")), len(lines))
+        what = f"{lines[0].removesuffix(' with trace:')}: {lines[end - 1]}"
+        what += f" (log: {lines[end + 1].lstrip('- ')})" if end + 1 < len(lines) else ""
+    else:  # "Job ID (task: 0) with path ..._result.pkl" "has not produced any output (state: CANCELLED)"
+        what = f"{' '.join(lines[:2])} (its logs are beside that file)"
+    return (f"a SLURM job of the sweep ended without a result: {what}. Jobs still queued go on; relaunching the "
+            "same command runs the jobs that have not finished")
 
 
 def one_line(ex: BaseException) -> str | None:
     """The message to print for a user mistake, or None for a genuine bug (which keeps its traceback)."""
     if isinstance(ex, UserError):
         return str(ex)
+    if no_space(ex):  # written by a library's own I/O or by Hydra: name the file where the OS did
+        return str(DiskFull(_filename(ex)))
+    if (lost := _lost_sweep_job(ex)) is not None:
+        return lost
     # Hydra creates the run (sweep) dir, its .hydra/ files and evoexp.log before evoexp's code runs: an OSError
     # raised there (EVOEXP_OUT or hydra.run.dir a file, read-only, ...) is a setting of the user's, not a bug.
     err = next((e for e in (ex, ex.__cause__, ex.__context__) if isinstance(e, OSError)
@@ -117,16 +148,19 @@ def main() -> None:
     wants_trace = bool(os.environ.get("HYDRA_FULL_ERROR"))
     # Hydra would print its own multi-line report; we take exceptions ourselves to print user errors as one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    logging.raiseExceptions = False  # a log line lost to a full disk is no reason for a traceback on the console
     sys.argv = [sys.argv[0]] + _multirun_flag_first(_rewrite_model_path(sys.argv[1:]))
     try:
         _hydra_main()
     except KeyboardInterrupt:  # Ctrl-C: every finished step is on disk (see run.py), so say how to go on
+        close_progress_bars()
         print("evoexp: interrupted; run the same command again to resume", file=sys.stderr)
         sys.exit(130)
     except Exception as ex:  # noqa: BLE001 - the top of the program decides how to report
         msg = None if wants_trace else one_line(ex)
         if msg is None:
             raise
+        close_progress_bars()
         print(f"evoexp: error: {msg}", file=sys.stderr)
         sys.exit(2)
 

@@ -2,6 +2,7 @@
 them in the house style, `key: expected ..., got X`."""
 from __future__ import annotations
 
+import errno
 from typing import Any, NoReturn
 
 
@@ -11,6 +12,33 @@ class UserError(Exception):
 
 class Stop(Exception):
     """A job that ends early by design (e.g. one shard of a database built): reported in one line, exit 0."""
+
+
+# A full disk (or quota) shows up as an OSError from Python, but as other exceptions from the libraries that write
+# through their own I/O (safetensors' Rust writer, torch's zip writer): their messages carry the OS's words.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+NO_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
+
+
+def no_space(ex: BaseException | None) -> bool:
+    """Whether `ex`, or an exception it was raised from or while handling, is a full disk."""
+    seen = set()
+    while ex is not None and id(ex) not in seen:
+        seen.add(id(ex))
+        if isinstance(ex, OSError) and ex.errno in NO_SPACE_ERRNOS or any(w in str(ex) for w in NO_SPACE_WORDS):
+            return True
+        ex = ex.__cause__ or ex.__context__
+    return False
+
+
+class DiskFull(UserError):
+    """Writing a file failed for want of space. Every write is atomic, so nothing half-written is left to
+    mislead a rerun: free space and run the same command again to go on from the last finished step."""
+
+    def __init__(self, path: Any = None):
+        where = f"{path}: " if path else ""
+        super().__init__(f"{where}no space left on device; free space (or point EVOEXP_CACHE / EVOEXP_OUT at a "
+                         "larger disk) and run the same command again: finished work is kept")
 
 
 def fail(key: str, expected: str, got: Any) -> NoReturn:

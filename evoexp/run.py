@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from evoexp import __version__
 from evoexp.config import RunCfg
 from evoexp.data import check_source, eval_windows, load_tokens
-from evoexp.errors import Stop, UserError
+from evoexp.errors import Stop, UserError, no_space
 from evoexp.eval import check_zeroshot, zeroshot_scalars
 from evoexp.models import load_model, native_bf16, resolve_device, resolve_dtype
 from evoexp.recipes.checks import check_run
@@ -75,16 +75,25 @@ def run_job(cfg: DictConfig, out_dir: Path) -> float | None:
             log.info("%s", stop)
             print(f"evoexp: {stop}")
             return None
-        except KeyboardInterrupt:  # Ctrl-C: not a failure; what is finished is kept, the rerun goes on from it
-            log.info("interrupted")
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or submitit exiting a preempted SLURM job it requeued:
+            log.info("interrupted")  # not a failure; what is finished is kept, the rerun goes on from it
             raise
         except BaseException:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            failed.write_text(traceback.format_exc())
+            mark_failed(failed)
             raise
     failed.unlink(missing_ok=True)
     print_summary(read_run(result))
     return result.get("objective")
+
+
+def mark_failed(failed: Path) -> None:
+    """Leave the traceback beside the run; on a full disk there may be no room for it, and the error that filled
+    the disk is the one to report."""
+    try:
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(traceback.format_exc())
+    except OSError:
+        pass
 
 
 # What a killed job leaves for its rerun to go on from (the zero-shot request cache has its own
@@ -233,7 +242,9 @@ def draw_figures(run: FinishedRun) -> list[Path]:
     """The paper's figures for a run; a plotting failure is reported, never costs the result."""
     try:
         paths = write_figures(run)
-    except Exception:  # noqa: BLE001 - figures are a view of the result; `evoexp-table --figures` redraws
+    except Exception as ex:  # noqa: BLE001 - figures are a view of the result; `evoexp-table --figures` redraws
+        if no_space(ex):  # result.json would not fit either: stop now, the rerun draws them
+            raise
         log.warning("figures failed (`evoexp-table --figures %s` retries)", run.run_dir, exc_info=True)
         return []
     for path in paths:

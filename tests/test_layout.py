@@ -41,7 +41,9 @@ DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 def _files(*dirs: str) -> list[Path]:
-    return sorted(p for d in dirs for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts)
+    # hidden dirs are virtualenvs and caches (bench/.venv-gptqmodel), not the project's code
+    return sorted(p for d in dirs for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts
+                  and not any(part.startswith(".") for part in p.relative_to(ROOT).parts))
 
 
 def _module_name(path: Path) -> str:

@@ -11,8 +11,9 @@ from evoexp.eval import evaluate_ppl, parameters_as, windows_nll
 
 def reference_ppl(model, windows):
     """What transformers itself reports: mean of per-window losses (all windows have equal length)."""
+    device = next(model.parameters()).device  # the embedded fixture is on the GPU with EVOEXP_TEST_DEVICE=cuda
     with torch.no_grad():
-        losses = [model(w[None], labels=w[None]).loss.double() for w in windows]
+        losses = [model(w[None].to(device), labels=w[None].to(device)).loss.double() for w in windows]
     return math.exp(torch.stack(losses).mean().item())
 
 

@@ -21,7 +21,8 @@ def outlier_ratios(layers: list[LinearInfo], weights: dict[str, torch.Tensor], n
     blocks = sorted({li.block for li in layers})
     out = np.zeros((len(ms), len(blocks)))
     for bi, b in enumerate(blocks):
-        scores = torch.cat([(weights[li.name].float().abs() * norms[li.name].float().unsqueeze(0)).reshape(-1)
+        scores = torch.cat([(weights[li.name].float().abs() *  # the norms are cached on the CPU
+                             norms[li.name].to(weights[li.name].device).float().unsqueeze(0)).reshape(-1)
                             for li in layers if li.block == b])
         mean = scores.mean()
         for mi, m in enumerate(ms):

@@ -292,5 +292,8 @@ def model_card(facts: CardFacts, allocation: dict, found: dict, fmt: str) -> str
                   "`quantization_config.bits` is the most common bit-width; `dynamic` overrides it per layer "
                   "(`+:^<layer>$` -> `{\"bits\": b}`). `checkpoint_format` is `gptq_p` (GPTQModel's planar "
                   "packing) when a layer has 5/6/7 bits, else `gptq` (v1) for symmetric grids and `gptq_v2` for "
-                  "asymmetric ones.", ""]
+                  "asymmetric ones. transformers' `AutoModelForCausalLM.from_pretrained` (with optimum and "
+                  "GPTQModel installed) ignores `dynamic`: it loads an export with one bit-width for every layer "
+                  "(on a CPU pass `quantization_config=GPTQConfig(..., backend=\"torch\")`), and refuses a "
+                  "mixed one with a shape mismatch.", ""]
     return "\n".join(lines)

@@ -57,8 +57,8 @@ def cpu_flags() -> set[str]:
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (fast) on `device`; on a CPU without AVX-512 BF16 / AMX torch emulates
     them, measured here 7x slower than fp32 on an AVX2 machine."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # compute capability 8.0 on (Ampere); torch's is_bf16_supported() also says yes for
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8  # V100 / T4 (emulated)
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 

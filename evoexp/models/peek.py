@@ -2,12 +2,14 @@
 so that config checks (window lengths against the context, blocks to drop) run before the load."""
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 from evoexp.config import ModelCfg
-from evoexp.models.loading import CONVERSION_VERSION
+from evoexp.models.loading import CONVERSION_VERSION, hub_reachable
 from evoexp.utils import cache_root
 
 # config.json keys that hold a model's context length, most common first
@@ -24,9 +26,55 @@ def hub_config(m: ModelCfg) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def hub_config_download(m: ModelCfg) -> Path | None:
+    """A Hub model's config.json fetched alone (into the HF cache, where the load finds it) when the Hub can be
+    reached; None offline or on any failure, which the load then reports in its own words."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    return _fetch_hub_config(m.path, m.revision)
+
+
+@functools.lru_cache(maxsize=4)
+def _fetch_hub_config(repo_id: str, revision: str | None) -> Path | None:
+    """Once per process: the checks peek at the config several times."""
+    if not hub_reachable():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, etag_timeout=10))
+    except Exception:  # noqa: BLE001 - a private, missing or malformed repo: the load says which
+        return None
+
+
+def packaged_gguf_config(m: ModelCfg) -> dict | None:
+    """The embedded model's context length and block count from its GGUF's metadata, as config.json names
+    them (the conversion maps `<arch>.context_length` to max_position_embeddings)."""
+    spec = importlib.util.find_spec(m.package) if m.package else None
+    if spec is None or not spec.submodule_search_locations or not m.gguf_file:
+        return None
+    gguf = Path(spec.submodule_search_locations[0]) / m.gguf_file
+    return _gguf_config(str(gguf), gguf.stat().st_mtime_ns) if gguf.is_file() else None
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, mtime_ns: int) -> dict | None:
+    """Read once per process: the reader indexes every tensor of the file (about 3 s for the embedded model)."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        wanted = {"max_position_embeddings": f"{arch}.context_length", "num_hidden_layers": f"{arch}.block_count"}
+        return {key: int(fields[name].parts[-1][0]) for key, name in wanted.items() if name in fields}
+    except Exception:  # noqa: BLE001 - an unreadable GGUF is the conversion's to report
+        return None
+
+
 def peek_config(m: ModelCfg) -> dict | None:
     """The model's config.json when it can be read without loading the model: the tiny model's settings, a local
-    checkpoint's, a Hub model's in the HF cache or an already converted embedded model's; None otherwise."""
+    checkpoint's, a Hub model's (from the HF cache, else fetched alone when the Hub is reachable), the embedded
+    model's (converted, else its GGUF's header); None otherwise."""
     if m.source == "tiny":
         return {"num_hidden_layers": m.tiny.num_layers, "max_position_embeddings": m.tiny.max_position_embeddings}
     path = None
@@ -36,6 +84,10 @@ def peek_config(m: ModelCfg) -> dict | None:
     elif m.source == "embedded":
         found = list((cache_root() / "models").glob(f"{m.name}-*-v{CONVERSION_VERSION}/config.json"))
         path = found[0] if len(found) == 1 else None
+        if path is None:  # not converted yet: the packaged GGUF's header holds the same figures
+            return packaged_gguf_config(m)
+    if m.source == "hf" and path is None and m.path and m.path.count("/") == 1:
+        path = hub_config_download(m)  # the load would download it first thing anyway
     if path is None:
         return None
     try:
@@ -46,8 +98,7 @@ def peek_config(m: ModelCfg) -> dict | None:
 
 
 def peek_context(m: ModelCfg) -> int | None:
-    """The model's context length (max_position_embeddings) when known before loading it (see peek_config).
-    The embedded model's is known once it has been converted (its first run); before that it is not checked."""
+    """The model's context length (max_position_embeddings) when known before loading it (see peek_config)."""
     config = peek_config(m)
     for cfg in (config or {}, (config or {}).get("text_config") or {}):
         for key in CONTEXT_KEYS:

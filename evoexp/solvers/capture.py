@@ -31,10 +31,11 @@ Finished = Callable[[int], "dict[str, torch.Tensor] | None"]
 
 @contextmanager
 def replaced_weights(adapter: DecoderAdapter, weights: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily run the model with some linears' weights replaced."""
+    """Temporarily run the model with some linears' weights replaced (moved to the model's device and dtype: a
+    database level is decoded on the CPU)."""
     originals = {name: adapter.module(name).weight.data for name in weights}
     for name, w in weights.items():
-        adapter.module(name).weight.data = w.to(originals[name].dtype)
+        adapter.module(name).weight.data = w.to(originals[name].device, originals[name].dtype)
     try:
         yield
     finally:
