@@ -31,6 +31,8 @@ SPARSE = ["method=sparse", "search=uniform", "eval.windows=2"]
 SPARSE_EVO = ["method=sparse", "search=evopress_sparse_cpu", "eval.windows=2"]
 QUANT = ["method=quant", "search=uniform", "eval.windows=2"]
 QUANT_EVO = ["method=quant", "search=evopress_quant_cpu", "eval.windows=2"]
+STRUCT = ["method=structured", "search=uniform", "eval.windows=2"]
+STRUCT_EVO = ["method=structured", "search=evopress_sparse_cpu", "eval.windows=2"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 as_root = pytest.mark.skipif(IS_ROOT, reason="root ignores file permissions")
 
@@ -136,6 +138,23 @@ CASES = [
      "method.target: expected a mean bit-width within method.levels (2 to 6), got 9"),
     ([*QUANT, "method.target=9"], {}, "method.target: search=uniform needs a whole bit-width between 1 and 8"),
     ([*QUANT_EVO, "method.group_rule=bits"], {}, "method.group_rule: expected one of size, name, none, got 'bits'"),
+    ([*STRUCT, "method.target=1.2"], {},
+     "method.target: expected a fraction of the decoder blocks' parameters in (0, 1), got 1.2"),
+    ([*STRUCT_EVO, "method.target=0"], {},
+     "method.target: expected a fraction of the decoder blocks' parameters in (0, 1), got 0"),
+    ([*STRUCT, "method.budget=layers"], {}, "method.budget: expected one of group, params, got 'layers'"),
+    ([*STRUCT, "method.attn_step=0"], {}, "method.attn_step: expected >= 1, got 0"),
+    ([*STRUCT, "method.attn_step=3"], {}, "method.attn_step: 3 does not divide the 4 query heads of a block"),
+    ([*STRUCT, "method.kv_groups=true", "method.attn_step=4"], {},
+     "method.attn_step: 4 does not divide the 2 KV groups of a block"),
+    ([*STRUCT, "method.mlp_step=7"], {}, "method.mlp_step: 7 neurons do not divide the MLP width 128"),
+    ([*STRUCT, "method.mlp_levels=12"], {}, "method.mlp_levels: 12 equal steps do not divide the MLP width 128"),
+    ([*STRUCT, "method.kv_groups=true", "model.tiny.num_kv_heads=4"], {},
+     "method.kv_groups: KV-group removal needs a GQA model (the model has 4 query heads and 4 KV heads)"),
+    ([*STRUCT, "export=compressed_tensors"], {},
+     "export: compressed_tensors packs quantized weights and cannot hold a shrunk model"),
+    ([*STRUCT, "export=gptq"], {}, "export: gptq packs quantized weights and cannot hold a shrunk model"),
+    ([*STRUCT, "database.propagation=reference"], {}, "database.propagation: reference propagates a bit-width"),
     # --- database -----------------------------------------------------------------------------------------------
     ([*SPARSE, "database.windows=-1"], {}, "database.windows: expected >= 1, got -1"),
     ([*SPARSE, "database.seq_len=1"], {}, "database.seq_len: expected >= 2, got 1"),
@@ -169,6 +188,12 @@ CASES = [
     (["method=sparse", "search=shortgpt"], {}, "search: 'shortgpt' does not apply to method=sparse"),
     (["method=quant", "search=owl"], {}, "search: owl allocates sparsity"),
     ([*SPARSE, "solver=gptq"], {}, "solver: 'gptq' does not apply to method=sparse"),
+    ([*STRUCT, "solver=sparsegpt"], {}, "solver: 'sparsegpt' does not apply to method=structured (choose one of "
+                                        "ziplm, wanda_sp, magnitude, random)"),
+    ([*SPARSE, "solver=ziplm"], {}, "solver: 'ziplm' does not apply to method=sparse"),
+    ([*QUANT, "solver=wanda_sp"], {}, "solver: 'wanda_sp' does not apply to method=quant"),
+    (["method=structured", "search=owl"], {}, "search: owl allocates sparsity; it does not apply to method=structured"),
+    (["method=structured", "search=shortgpt"], {}, "search: 'shortgpt' does not apply to method=structured"),
     # --- the environment ----------------------------------------------------------------------------------------
     ([*DENSE], {"EVOEXP_CACHE": "{tmp}/file/cache"},
      "EVOEXP_CACHE: expected a writable directory, got {tmp}/file/cache ({tmp}/file is a file)"),
@@ -211,12 +236,18 @@ CLI_CASES = [
     ([*EVO, "search.offspring=0"], {}, "search.offspring: expected >= 1, got 0"),
     ([*SPARSE_EVO, "method.num_levels=-2"], {}, "method.num_levels: expected >= 1, got -2"),
     ([*DENSE, "eval.seq_len=4096"], {}, "eval.seq_len: expected <= 2048 (the model's context"),
+    ([*STRUCT, "method.kv_groups=true", "model.tiny.num_kv_heads=4"], {},
+     "method.kv_groups: KV-group removal needs a GQA model (the model has 4 query heads and 4 KV heads)"),
+    ([*SPARSE, "solver=ziplm"], {}, "solver: 'ziplm' does not apply to method=sparse"),
 ]
 
 AFTER_LOAD_CASES = [
     ([*DENSE[:2], "eval.windows=100000"], {}, "eval.windows: 100000 requested but wikitext2:test has"),
     ([*DENSE[:2], "data=text_file", "data.calib={tmp}/short.txt", "data.eval={tmp}/short.txt"], {},
      "{tmp}/short.txt: 3 tokens, fewer than one window of 256"),
+    # what whole heads can remove is counted in the loaded model's parameters (biases and norms included)
+    ([*STRUCT, "method.target=0.7"], {},
+     "method.target: 0.7 removes 69,632 attn parameters, more than the removable heads hold (65,536"),
 ]
 
 
@@ -318,7 +349,10 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
                  ["method=drop", "search=random"], ["method=drop", "search=brute"], ["method=sparse", "search=owl"],
                  ["method=sparse", "search=dp"], ["method=quant", "search=evopress_quant"],
                  ["method=sparse", "search=evopress_sparse"], ["method=sparse", "solver=fista"],
-                 ["method=quant", "solver=rtn"], ["method=quant", "method.target=2.5", "search=evopress_quant_cpu"]):
+                 ["method=quant", "solver=rtn"], ["method=quant", "method.target=2.5", "search=evopress_quant_cpu"],
+                 STRUCT, STRUCT_EVO, ["method=structured", "search=dp"], ["method=structured", "search=random"],
+                 ["method=structured", "method.budget=params", "method.kv_groups=true", "solver=wanda_sp"],
+                 ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"]):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)

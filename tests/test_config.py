@@ -17,6 +17,7 @@ REQUIRED = {
     "data/text_file": ["data.calib=/a.txt", "data.eval=/b.txt"],
     **{f"solver/{s}": ["method=sparse"] for s in ("sparsegpt", "wanda", "magnitude", "fista")},
     **{f"solver/{s}": ["method=quant"] for s in ("gptq", "rtn")},
+    **{f"solver/{s}": ["method=structured"] for s in ("ziplm", "wanda_sp", "random")},
 }
 GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger", "export"]
 
@@ -42,6 +43,7 @@ def test_every_group_option_composes_to_typed_config(compose, option):
 def test_methods_bring_their_default_solver(compose):
     assert run_cfg(compose(["method=sparse"])).solver.kind == "sparsegpt"
     assert run_cfg(compose(["method=quant"])).solver.kind == "gptq"
+    assert run_cfg(compose(["method=structured"])).solver.kind == "ziplm"
     assert run_cfg(compose(["method=quant", "solver=rtn"])).solver.group_size == 128
     assert run_cfg(compose([])).solver is None
     db = run_cfg(compose(["database=evopress", "model=llama3_8b"])).database

@@ -19,6 +19,8 @@ BAD = {
     "drop": (["method=drop", "export=gptq"], "export: method=drop exports as hf, not gptq"),
     "sparse": (["method=sparse", "search=shortgpt"], "search: 'shortgpt' does not apply to method=sparse"),
     "quant": (["method=quant", "search=owl"], "search: owl allocates sparsity"),
+    "structured": (["method=structured", "export=gptq"], "export: gptq packs quantized weights and cannot hold a "
+                   "shrunk model"),
 }
 
 

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from evoexp.config.methods import DenseMethodCfg, DropMethodCfg, MethodCfg, QuantMethodCfg, SparseMethodCfg
+from evoexp.config.methods import (DenseMethodCfg, DropMethodCfg, MethodCfg, QuantMethodCfg, SparseMethodCfg,
+                                   StructuredMethodCfg)
 from evoexp.config.run import (DatabaseCfg, DataCfg, Device, DType, EvalCfg, ExportCfg, FitnessCfg, LoggerCfg,
                                ModelCfg, RunCfg, TinyModelCfg, ZeroShotCfg)
 from evoexp.config.searches import (BruteSearchCfg, DPSearchCfg, EvoPressCfg, NoSearchCfg, OwlSearchCfg,
                                     RandomSearchCfg, ScoreSearchCfg, StageCfg, UniformSearchCfg)
-from evoexp.config.solvers import FistaCfg, GPTQCfg, MagnitudeCfg, RTNCfg, SparseGPTCfg, WandaCfg
+from evoexp.config.solvers import (FistaCfg, GPTQCfg, MagnitudeCfg, RandomCfg, RTNCfg, SparseGPTCfg, WandaCfg,
+                                   WandaSPCfg, ZipLMCfg)
 
 __all__ = ["BruteSearchCfg", "DPSearchCfg", "DatabaseCfg", "DataCfg", "DenseMethodCfg", "Device", "DType",
            "DropMethodCfg", "EvalCfg", "EvoPressCfg", "ExportCfg", "FistaCfg", "FitnessCfg", "GPTQCfg", "LoggerCfg",
            "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg", "OPTION_SCHEMAS", "OwlSearchCfg", "QuantMethodCfg",
-           "RTNCfg", "RandomSearchCfg", "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg", "StageCfg",
-           "TinyModelCfg", "UniformSearchCfg", "WandaCfg", "ZeroShotCfg", "method_schemas", "register_configs"]
+           "RTNCfg", "RandomCfg", "RandomSearchCfg", "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg",
+           "StageCfg", "StructuredMethodCfg", "TinyModelCfg", "UniformSearchCfg", "WandaCfg", "WandaSPCfg",
+           "ZeroShotCfg", "ZipLMCfg", "method_schemas", "register_configs"]
 
 # Group options with their own fields get their own schema; the rest share RunCfg's types. Methods are not
 # listed: every MethodCfg subclass is its own `method/<kind>` schema (see method_schemas).
@@ -34,6 +37,9 @@ OPTION_SCHEMAS = {
     "solver/wanda": WandaCfg,
     "solver/fista": FistaCfg,
     "solver/magnitude": MagnitudeCfg,
+    "solver/ziplm": ZipLMCfg,
+    "solver/wanda_sp": WandaSPCfg,
+    "solver/random": RandomCfg,
     "search/uniform": UniformSearchCfg,
     "search/none": NoSearchCfg,
     "search/evopress": EvoPressCfg,

@@ -59,3 +59,19 @@ class QuantMethodCfg(MethodCfg):
     export: bool = False
 
 
+@dataclass
+class StructuredMethodCfg(MethodCfg):
+    """Structured pruning: whole attention heads and MLP neurons per block (ZipLM / DarwinLM), from the per-level
+    database of every block's o_proj and down_proj."""
+
+    kind: str = "structured"
+    target: float = 0.3  # fraction of the decoder blocks' parameters removed (embeddings and the head excluded)
+    # group: attention and MLP each remove the target fraction of their own parameters (DarwinLM's default);
+    # params: the same total in one pooled budget, which searches may shift between attention and MLP
+    budget: str = "group"
+    attn_step: int = 1  # query heads per attention level (KV groups with kv_groups=true); must divide the count
+    mlp_step: Optional[int] = None  # neurons per MLP level (must divide the width); null: width / mlp_levels
+    mlp_levels: int = 16  # the MLP width in this many equal steps, when mlp_step is null
+    kv_groups: bool = False  # the attention unit is a whole KV group (its query heads and K/V head): GQA models
+    export: bool = False
+

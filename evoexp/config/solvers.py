@@ -59,6 +59,31 @@ class WandaCfg:
 
 @dataclass
 class MagnitudeCfg:
-    kind: str = "magnitude"
+    kind: str = "magnitude"  # method=structured: whole groups by the Frobenius norm of their columns
+
+
+# Structured solvers (method=structured): the method sets each layer's group size (head_dim on o_proj, 1 on
+# down_proj); levels are counts of removed groups, nested. `solver=magnitude` is shared with method=sparse.
+@dataclass
+class ZipLMCfg:
+    """ZipLM: greedy structured OBS with compensation of the kept columns (DarwinLM's database builder)."""
+
+    kind: str = "ziplm"
+    damp: float = 0.01  # relative to the mean diagonal of H
+
+
+@dataclass
+class WandaSPCfg:
+    """Wanda-sp (Bonsai's `wanda` prior): mean |W[:, c]| times RMS(x_c), averaged over a group."""
+
+    kind: str = "wanda_sp"
+
+
+@dataclass
+class RandomCfg:
+    """Random prior: a seeded permutation of each layer's groups (the layer name is mixed into the seed)."""
+
+    kind: str = "random"
+    seed: int = 0
 
 

@@ -17,6 +17,7 @@ from evoexp.models.adapter import DecoderAdapter, LinearInfo
 from evoexp.solvers.capture import paired_sequential, sequential
 from evoexp.solvers.fista import Fista, FistaSettings, PairedGram
 from evoexp.solvers.registry import make_solver, solver_class
+from evoexp.solvers.structured import StructuredLevel
 from evoexp.utils import progress
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ def level_errors(W: torch.Tensor, results: list, H: torch.Tensor | None) -> torc
     ref = energy(W) or 1.0
     out = []
     for r in results:
+        if isinstance(r, StructuredLevel):
+            r = r.dense(W.shape[1])
         w_hat = r.dequantize().to(W.device) if hasattr(r, "dequantize") else r.to(W.device)
         out.append(energy(W - w_hat.float()) / ref)
     return torch.tensor(out, dtype=torch.float64)
@@ -58,7 +61,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
 
     def solve(li: LinearInfo, hessian) -> None:
         W = adapter.module(li.name).weight.data
-        solver = make_solver(solver_cfg, W, li.name, hessian, nm, db.dtype)
+        solver = make_solver(solver_cfg, W, li.name, hessian, nm, db.dtype, **structured_args(spec, li.name))
         results = solver.compress(spec.grid[li.name])
         extra = {"errors": level_errors(W, results, hessian.H if hessian is not None else None)}
         if hessian is not None:
@@ -88,7 +91,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
     try:
         if solver_cfg.kind == "fista":
             _build_fista(db, adapter, windows, solver_cfg, nm, batch, bar, stats, mine)
-        elif solver_class(solver_cfg.kind).needs_data:
+        elif solver_class(solver_cfg.kind, spec.kind).needs_data:
             if windows is None:
                 raise ValueError(f"solver {solver_cfg.kind} needs calibration windows")
             sequential(BlockRunner(adapter), windows, compress, spec.propagation, batch, spec.true_sequential,
@@ -101,6 +104,14 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
         bar.close()
     stats["seconds"] = round(time.time() - t0, 2)
     return stats
+
+
+def structured_args(spec, name: str) -> dict:
+    """What a structured solver needs beyond the config: the method, and the layer's group of input columns
+    (a head's head_dim columns of o_proj, one down_proj column per neuron)."""
+    if spec.kind != "structured":
+        return {}
+    return {"method_kind": "structured", "group_size": int(spec.extra["group_size"][name])}
 
 
 def fista_solver(cfg, weight: torch.Tensor, name: str, gram: PairedGram, nm=None) -> Fista:

@@ -30,12 +30,13 @@ Calibration = tuple[torch.Tensor, WindowProtocol]
 
 def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], target,
                         reference_level) -> tuple[str, dict[str, int]]:
-    """(propagation, {layer: index of the level the next block's inputs are computed with})."""
+    """(propagation, {layer: index of the level the next block's inputs are computed with}). `target` is the
+    method's target, or {layer: level value} where the target is no single level value (structured counts)."""
     if propagation == "auto":
         if all(len(levels) == 1 for levels in grid.values()):
             propagation = "compressed"
         else:
-            propagation = "dense" if kind == "sparse" else "reference"
+            propagation = "reference" if kind == "quant" else "dense"
     if propagation == "dense":
         return propagation, {}
     if propagation not in ("compressed", "reference"):
@@ -46,10 +47,11 @@ def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], targ
     for name, levels in grid.items():
         # sparse levels are whole numbers of weights, so the target level of a layer is the target up to
         # rounding (0.6000012 for 0.6): take the nearest level within a small tolerance
-        dist = [abs(float(v) - float(value)) for v in levels]
+        wanted = value[name] if isinstance(value, dict) else value
+        dist = [abs(float(v) - float(wanted)) for v in levels]
         best = min(range(len(levels)), key=dist.__getitem__)
         if dist[best] > 1e-4:
-            raise UserError(f"{key}: {value} is not a level of {name} (levels {levels}); propagation="
+            raise UserError(f"{key}: {wanted} is not a level of {name} (levels {levels}); propagation="
                             f"{propagation} needs it in the grid")
         reference[name] = best
     return propagation, reference
@@ -58,13 +60,17 @@ def resolve_propagation(propagation: str, kind: str, grid: dict[str, list], targ
 class DatabaseProvider:
     """The databases of one run, by grid. `calibration()` draws the database's calibration windows (called once,
     when a solver first needs data); `dense()` puts the dense model back before a build (solvers compress the
-    dense weights); `timed(key)` records how long a build took."""
+    dense weights); `timed(key)` records how long a build took. `extra` goes into every spec (what the method's
+    solvers need per layer); `targets` ({layer: level value}) stands for method.target where one number is no
+    level of every layer (structured counts), for compressed propagation."""
 
     def __init__(self, adapter, model_name: str, fingerprint: str, method, solver, cfg: DatabaseCfg,
                  compute_dtype: str, calibration: Callable[[], Calibration], dense: Callable[[], None],
-                 timed: Callable[[str], ContextManager[None]] = lambda _key: nullcontext()):
+                 timed: Callable[[str], ContextManager[None]] = lambda _key: nullcontext(),
+                 extra: dict | None = None, targets: dict[str, float] | None = None):
         self.adapter, self.model_name, self.fingerprint = adapter, model_name, fingerprint
         self.method, self.solver, self.cfg, self.compute_dtype = method, solver, cfg, compute_dtype
+        self.extra, self.targets = extra or {}, targets
         self._draw, self.dense, self.timed = calibration, dense, timed
         self._calibration: Calibration | None = None
         self.databases: dict[str, Database] = {}
@@ -93,13 +99,13 @@ class DatabaseProvider:
 
     def spec(self, grid: dict[str, list]) -> tuple[DatabaseSpec, torch.Tensor | None]:
         """What identifies the database of a grid, and the calibration windows its solver needs (or None)."""
-        method, cfg, solver = self.method, self.cfg, solver_class(self.solver.kind)
+        method, cfg, solver = self.method, self.cfg, solver_class(self.solver.kind, self.method.kind)
         needs_data = solver.needs_data
         if solver.propagation:  # e.g. FISTAPruner's blocks always take dense inputs (checked before the model loads)
             propagation, reference = solver.propagation, {}
         else:
-            propagation, reference = resolve_propagation(cfg.propagation, method.kind, grid, method.target,
-                                                         cfg.reference_level)
+            propagation, reference = resolve_propagation(cfg.propagation, method.kind, grid,
+                                                         self.targets or method.target, cfg.reference_level)
         windows, proto = self.calibration() if needs_data else (None, None)
         # the batch changes how activations are grouped into forwards, hence (in low precision) their values
         calib = {**proto.as_dict(), "batch": cfg.batch} if needs_data else {"kind": "none"}
@@ -111,7 +117,7 @@ class DatabaseProvider:
             calibration=calib, solver=settings, propagation=propagation if needs_data else "none",
             reference=reference if needs_data else {}, grid=grid, dtype=cfg.dtype.value if cfg.dtype else
             self.compute_dtype, compute_dtype=self.compute_dtype,
-            true_sequential=(cfg.true_sequential or solver.true_sequential) and needs_data)
+            true_sequential=(cfg.true_sequential or solver.true_sequential) and needs_data, extra=self.extra)
         return spec, windows
 
     @property

@@ -7,7 +7,9 @@
 Encodings (tensor names prefixed with the level index, `L3.`):
 - sparse: `mask` (the non-zero pattern as packed bits, row-major) and `values` (the non-zeros, storage dtype);
 - quant: `codes` (uint8, one per weight), `scales` and `zeros` ([rows, groups]), `g_idx` ([cols], the group of
-  each input column; with a group size that does not divide the width, the last group is partial).
+  each input column; with a group size that does not divide the width, the last group is partial);
+- structured: `kept` (int32, the kept groups of input columns, ascending) and `values` (the kept columns only,
+  [rows, kept · group size]); the layer's group size is in the file's metadata.
 Per layer, for the baselines: `errors` (the relative reconstruction error ⟨ΔW H ΔWᵀ⟩ / ⟨W H Wᵀ⟩ of every level,
 with H the layer's calibration Hessian, or the identity for data-free solvers) and `act_norm` (‖x_j‖ per input
 column, when the solver saw data).
@@ -30,6 +32,7 @@ from safetensors import safe_open
 
 from evoexp.errors import UserError
 from evoexp.solvers.quant import QuantizedWeight
+from evoexp.solvers.structured import StructuredLevel, group_columns
 from evoexp.tensorfiles import check_safetensors, save_safetensors
 from evoexp.utils import DamagedFile, read_cached_json, stable_hash, write_json
 
@@ -41,18 +44,18 @@ FORMAT = 2
 class DatabaseSpec:
     """Everything that decides the stored tensors; its hash names the database directory."""
 
-    kind: str  # sparse | quant
+    kind: str  # sparse | quant | structured
     model: dict  # name + fingerprint
     calibration: dict  # the window protocol (source, token hash, seed, windows, seq_len, bos)
     solver: dict  # solver kind and all its parameters
     propagation: str  # dense | compressed | reference
     reference: dict  # layer -> level index propagated (compressed / reference), empty for dense
-    grid: dict  # layer -> list of level values (sparsities or bit-widths)
+    grid: dict  # layer -> list of level values (sparsities, bit-widths or counts of removed groups)
     dtype: str  # storage dtype of values and scales
     compute_dtype: str  # dtype of the forwards that produced the calibration activations
     true_sequential: bool = False
     format: int = FORMAT
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # structured: {"group_size": {layer: input columns per group}}
 
     @property
     def key(self) -> str:
@@ -75,6 +78,18 @@ def decode_sparse(mask: torch.Tensor, values: torch.Tensor, shape: tuple[int, in
 def encode_quant(q: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {"codes": q.codes.to(torch.uint8).contiguous(), "scales": q.scales.to(dtype).contiguous(),
             "zeros": q.zeros.to(torch.int16).contiguous(), "g_idx": q.g_idx.to(torch.int32).contiguous()}
+
+
+def encode_structured(level: StructuredLevel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {"kept": level.kept.to(torch.int32).cpu().contiguous(), "values": level.weight.cpu().to(dtype).contiguous()}
+
+
+def decode_structured(kept: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+                      group_size: int) -> torch.Tensor:
+    """The full-width weight: the kept columns in place, the removed ones zero."""
+    w = torch.zeros(shape, dtype=values.dtype)
+    w[:, group_columns(kept.long(), group_size)] = values
+    return w
 
 
 class Database:
@@ -124,12 +139,14 @@ class Database:
         if len(results) != len(levels):
             raise ValueError(f"{name}: {len(results)} results for {len(levels)} levels")
         tensors = {k: v.contiguous().cpu() for k, v in (extra or {}).items()}
+        encode = {"quant": encode_quant, "structured": encode_structured}.get(self.spec.kind, encode_sparse)
         for i, r in enumerate(results):
-            enc = encode_quant(r, self.dtype) if self.spec.kind == "quant" else encode_sparse(r, self.dtype)
-            tensors.update({f"L{i}.{k}": v for k, v in enc.items()})
+            tensors.update({f"L{i}.{k}": v for k, v in encode(r, self.dtype).items()})
         meta = {"layer": name, "shape": json.dumps(list(shape)), "levels": json.dumps(levels), "key": self.key}
         if self.spec.kind == "quant":
             meta["sym"] = json.dumps(bool(results[0].sym))
+        if self.spec.kind == "structured":
+            meta["group_size"] = json.dumps(int(results[0].group_size))
         target = self.layer_file(name)
         target.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors(tensors, target, metadata=meta)  # atomic, with the digest of its bytes
@@ -187,11 +204,21 @@ class Database:
                                f.get_tensor(f"L{level}.zeros").float(), f.get_tensor(f"L{level}.g_idx"), int(bits),
                                json.loads(f.metadata()["sym"]))
 
+    def structured(self, name: str, level: int) -> StructuredLevel:
+        """One level of a structured layer as stored: its kept groups and their columns' weights."""
+        f = self._open(name)
+        kept = f.get_tensor(f"L{level}.kept").long()
+        size = json.loads(f.metadata()["group_size"])
+        return StructuredLevel(kept, f.get_tensor(f"L{level}.values"), size, self.shape(name)[1] // size - len(kept))
+
     def weight(self, name: str, level: int) -> torch.Tensor:
         """The dense weight of one layer at one level (index into its grid), in the storage dtype."""
         if self.spec.kind == "quant":
             return self.quantized(name, level).dequantize().to(self.dtype)
         f = self._open(name)
+        if self.spec.kind == "structured":
+            return decode_structured(f.get_tensor(f"L{level}.kept"), f.get_tensor(f"L{level}.values"),
+                                     self.shape(name), json.loads(f.metadata()["group_size"]))
         return decode_sparse(f.get_tensor(f"L{level}.mask"), f.get_tensor(f"L{level}.values"), self.shape(name))
 
     def errors(self, name: str) -> torch.Tensor:

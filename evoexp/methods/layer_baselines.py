@@ -19,7 +19,12 @@ def dp_state(lv: LayerLevels, db: Database, method, s: DPSearchCfg) -> tuple[np.
     """The state minimising the summed per-layer reconstruction errors under the exact budget, and that sum."""
     target = method.target
     errors = [sum(db.errors(name).numpy() for name in names) for names in lv.unit_layers]
-    if method.kind == "sparse":  # grid index k of a unit = level lo + k; the levels must sum to 0
+    if method.kind == "structured":  # each switch group of the space exactly at its budget (method.budget)
+        state = lv.space.lo.copy()
+        for g, t in zip(lv.space.groups, lv.space.targets):
+            costs = [int(lv.space.weights[i]) * np.arange(len(errors[i])) for i in g]
+            state[g] = knapsack([errors[i] for i in g], costs, t, exact=True, resolution=s.resolution)
+    elif method.kind == "sparse":  # grid index k of a unit = level lo + k; the levels must sum to 0
         costs = [np.arange(len(e)) for e in errors]
         picks = knapsack(errors, costs, int(-lv.space.lo.sum()), exact=True)
         state = picks + lv.space.lo

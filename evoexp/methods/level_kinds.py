@@ -1,5 +1,5 @@
-"""What differs between the per-layer level methods, one small object per kind: unstructured sparsity and
-bit-widths today, a structured kind next.
+"""What differs between the per-layer level methods, one small object per kind: unstructured sparsity,
+bit-widths and structured pruning (whole heads and neurons, see methods/structured.py).
 
 A kind knows its config checks, the level space its searches walk, the one-level grid of its one-shot
 pipeline, what a model holding an allocation achieves (measured in the weights), how to say it in one line,
@@ -11,9 +11,10 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from evoexp.errors import UserError
+from evoexp.errors import UserError, check_choice, check_positive, fail
 from evoexp.methods.layerwise import (Allocation, LayerLevels, default_step, quant_levels, sparse_levels,
                                       uniform_grid)
+from evoexp.methods.structured import measure_structured, structured_levels, structured_summary, uniform_values
 from evoexp.models.adapter import DecoderAdapter, LinearInfo
 
 EXPORTS = ("hf", "compressed_tensors", "gptq")  # every format a per-layer allocation can be written in
@@ -105,7 +106,37 @@ class QuantKind(LevelKind):
                 f"({achieved['params'] / 1e6:.1f}M weights)")
 
 
+class StructuredKind(LevelKind):
+    """Whole heads and neurons: the layers are StructuredUnits (o_proj, down_proj), levels count removed groups."""
+
+    def check(self, method, searches: list[str], export: str) -> None:
+        if export in EXPORTS and export not in self.formats:
+            raise UserError(f"export: {export} packs quantized weights and cannot hold a shrunk model; "
+                            f"method={self.name} exports as hf (export=auto)")
+        if not 0 < method.target < 1:
+            fail("method.target", "a fraction of the decoder blocks' parameters in (0, 1)", method.target)
+        check_choice(method.budget, "method.budget", ("group", "params"))
+        check_positive(method.attn_step, "method.attn_step")
+        check_positive(method.mlp_step, "method.mlp_step", null=True)
+        check_positive(method.mlp_levels, "method.mlp_levels")
+        if "owl" in searches:
+            raise UserError("search: owl allocates sparsity; it does not apply to method=structured")
+
+    def level_space(self, method, layers: list[LinearInfo], hidden: int) -> LayerLevels:
+        return structured_levels(layers, method)
+
+    def grid(self, method, layers: list[LinearInfo]) -> dict[str, list]:
+        return {name: [v] for name, v in uniform_values(layers, method).items()}
+
+    def measure(self, adapter: DecoderAdapter, alloc: Allocation) -> dict:
+        return measure_structured(adapter, bool(alloc.db.spec.extra.get("kv_groups")))
+
+    def summary(self, achieved: dict, layers: int) -> str:
+        return structured_summary(achieved)
+
+
 LEVEL_KINDS = {
     "sparse": SparseKind("sparse", default_generations=400, natural_format="hf", formats=("hf",)),
     "quant": QuantKind("quant", default_generations=150, natural_format="compressed_tensors", formats=EXPORTS),
+    "structured": StructuredKind("structured", default_generations=200, natural_format="hf", formats=("hf",)),
 }

@@ -15,6 +15,7 @@ from torch import nn
 from evoexp.config import ModelCfg
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
+from evoexp.models.hetero import register as register_hetero
 from evoexp.models.tiny import byte_tokenizer, tiny_llama
 from evoexp.utils import DamagedFile, cache_root, cached_file_hash, file_hash, read_json, stable_hash, write_json
 
@@ -92,6 +93,7 @@ def _load_tiny(cfg: ModelCfg):
 def _from_pretrained(path: str, cfg: ModelCfg, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    register_hetero()  # evoexp's shrunk structured checkpoints load with evoexp's own modeling code
     kwargs = dict(dtype=dtype, attn_implementation=cfg.attn_implementation,
                   trust_remote_code=cfg.trust_remote_code)
     try:

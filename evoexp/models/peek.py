@@ -48,8 +48,8 @@ def _fetch_hub_config(repo_id: str, revision: str | None) -> Path | None:
 
 
 def packaged_gguf_config(m: ModelCfg) -> dict | None:
-    """The embedded model's context length and block count from its GGUF's metadata, as config.json names
-    them (the conversion maps `<arch>.context_length` to max_position_embeddings)."""
+    """The embedded model's context length, block count and head / MLP shape from its GGUF's metadata, as
+    config.json names them (the conversion maps `<arch>.context_length` to max_position_embeddings)."""
     spec = importlib.util.find_spec(m.package) if m.package else None
     if spec is None or not spec.submodule_search_locations or not m.gguf_file:
         return None
@@ -65,8 +65,12 @@ def _gguf_config(path: str, mtime_ns: int) -> dict | None:
 
         fields = GGUFReader(path).fields
         arch = bytes(fields["general.architecture"].parts[-1]).decode()
-        wanted = {"max_position_embeddings": f"{arch}.context_length", "num_hidden_layers": f"{arch}.block_count"}
-        return {key: int(fields[name].parts[-1][0]) for key, name in wanted.items() if name in fields}
+        wanted = {"max_position_embeddings": f"{arch}.context_length", "num_hidden_layers": f"{arch}.block_count",
+                  "hidden_size": f"{arch}.embedding_length", "intermediate_size": f"{arch}.feed_forward_length",
+                  "num_attention_heads": f"{arch}.attention.head_count",
+                  "num_key_value_heads": f"{arch}.attention.head_count_kv"}
+        found = {key: int(fields[name].parts[-1][0]) for key, name in wanted.items() if name in fields}
+        return {"model_type": arch, **found}
     except Exception:  # noqa: BLE001 - an unreadable GGUF is the conversion's to report
         return None
 
@@ -76,7 +80,10 @@ def peek_config(m: ModelCfg) -> dict | None:
     checkpoint's, a Hub model's (from the HF cache, else fetched alone when the Hub is reachable), the embedded
     model's (converted, else its GGUF's header); None otherwise."""
     if m.source == "tiny":
-        return {"num_hidden_layers": m.tiny.num_layers, "max_position_embeddings": m.tiny.max_position_embeddings}
+        t = m.tiny
+        return {"model_type": "llama", "num_hidden_layers": t.num_layers, "max_position_embeddings":
+                t.max_position_embeddings, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+                "num_attention_heads": t.num_heads, "num_key_value_heads": t.num_kv_heads}
     path = None
     if m.source == "hf" and m.path:
         local = Path(os.path.expanduser(m.path), "config.json")

@@ -22,6 +22,7 @@ from evoexp.methods.layer_baselines import dp_state, owl_candidates
 from evoexp.methods.layerwise import (Allocation, LayerLevels, bits_of, fractional_start, group_sums, per_block,
                                       quant_levels, units)
 from evoexp.methods.level_kinds import LEVEL_KINDS
+from evoexp.models.adapter import LinearInfo
 from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
                                    rng_for, run_evopress)
 from evoexp.recipes.contract import RecipeContext, RecipeResult
@@ -44,7 +45,7 @@ class LayerwiseRecipe:
         self.ctx, self.rc = ctx, ctx.rc
         self.kind = LEVEL_KINDS[self.rc.method.kind]
         self.adapter = ctx.loaded.adapter
-        self.layers = units(self.adapter)
+        self.layers = self.unit_layers()
         self.runner = BlockRunner(self.adapter)
         self.appliers: dict[str, LevelApplier] = {}
         self.teacher = None
@@ -53,7 +54,15 @@ class LayerwiseRecipe:
         self.dbs = DatabaseProvider(
             self.adapter, loaded.name, loaded.fingerprint, rc.method, rc.solver, rc.database, rc.dtype.value,
             calibration=lambda: calibration(ctx, rc.database.seq_len, rc.database.windows),
-            dense=lambda: self.put(None), timed=ctx.timed)
+            dense=lambda: self.put(None), timed=ctx.timed, **self.database_options())
+
+    def unit_layers(self) -> list[LinearInfo]:
+        """The layers the database holds and the searches set (a method's own recipe may narrow them)."""
+        return units(self.adapter)
+
+    def database_options(self) -> dict:
+        """What the method adds to its databases' specs (see DatabaseProvider): nothing for sparse and quant."""
+        return {}
 
     @property
     def fractional(self) -> bool:
@@ -239,21 +248,30 @@ class LayerwiseRecipe:
                 "per_block": per_block(self.layers, values), "numel": {li.short: li.numel for li in self.layers},
                 "search_info": info, "summary": self.kind.summary(achieved, len(values))}
 
-    def export(self, found: Allocation, allocation: dict, entry: dict) -> None:
-        rc, loaded = self.rc, self.ctx.loaded
+    def export_format(self) -> str:
+        """What export= (or method.export=true) asks for, `auto` resolved: a format, or none."""
+        rc = self.rc
         fmt = rc.export.kind
         if fmt == "auto" or (fmt == "none" and rc.method.export):
             fmt = self.kind.natural_format
+        assert fmt == "none" or fmt in FORMATS  # validate() admits no other
+        return fmt
+
+    def card_facts(self) -> CardFacts:
+        rc, loaded = self.rc, self.ctx.loaded
+        return CardFacts(loaded.name, loaded.source, loaded.fingerprint, rc.method.kind, rc.method.target,
+                         rc.search.kind, rc.solver.kind, f"`{rc.data.calib}`, database {rc.database.windows} x "
+                         f"{rc.database.seq_len} tokens, seed {rc.data.seed}", rc.seed)
+
+    def export(self, found: Allocation, allocation: dict, entry: dict) -> None:
+        loaded, fmt = self.ctx.loaded, self.export_format()
         if fmt == "none":
             return
-        assert fmt in FORMATS  # validate() admits no other
-        facts = CardFacts(loaded.name, loaded.source, loaded.fingerprint, rc.method.kind, rc.method.target,
-                          rc.search.kind, rc.solver.kind, f"`{rc.data.calib}`, database {rc.database.windows} x "
-                          f"{rc.database.seq_len} tokens, seed {rc.data.seed}", rc.seed)
         with self.ctx.timed("export"):
             self.put(found)
             try:
                 export_allocation(loaded.model, loaded.tokenizer, found, allocation,
-                                  model_card(facts, allocation, entry, fmt), fmt, self.ctx.out_dir / "model")
+                                  model_card(self.card_facts(), allocation, entry, fmt), fmt,
+                                  self.ctx.out_dir / "model")
             finally:
                 self.put(None)

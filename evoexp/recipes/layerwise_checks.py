@@ -1,4 +1,4 @@
-"""Every config check of the per-layer recipe (method=sparse|quant), run before the model loads."""
+"""Every config check of the per-layer recipes (method=sparse|quant|structured), run before the model loads."""
 from __future__ import annotations
 
 from evoexp.config import DPSearchCfg, EvoPressCfg, OwlSearchCfg, RandomSearchCfg, RunCfg
@@ -40,7 +40,7 @@ def check_layerwise(rc: RunCfg) -> None:
     kind = LEVEL_KINDS[m.kind]
     kind.check(m, kinds, rc.export.kind)
     check_levels(rc, searched(rc))
-    solver = solver_class(rc.solver.kind)
+    solver = solver_class(rc.solver.kind, m.kind)
     if not solver.propagation:
         check_propagation(rc, solver.needs_data)
     if s.kind == "evopress":
@@ -58,6 +58,8 @@ def searched(rc: RunCfg) -> bool:
 def check_levels(rc: RunCfg, search: bool) -> None:
     """method.target / nm / step / num_levels / levels / group_rule, as the run's level grid will use them."""
     m = rc.method
+    if m.kind == "structured":  # its target and steps: StructuredKind.check and the structured recipe's validate
+        return
     if m.kind == "sparse":
         check_sparse(m, [])  # target in [0, 1), nm well formed (its divisibility needs the model)
         check_positive(m.step, "method.step", null=True)
@@ -82,7 +84,7 @@ def check_solver_settings(rc: RunCfg) -> None:
         raise UserError(f"solver: method={m.kind} needs a solver (solver=...)")
     check_solver(m.kind, rc.solver.kind)
     check_database(rc)
-    solver = solver_class(rc.solver.kind)
+    solver = solver_class(rc.solver.kind, m.kind)
     solver.check_config(rc.solver)
     if solver.propagation and rc.database.propagation not in ("auto", solver.propagation):
         raise UserError(f"database.propagation: solver={rc.solver.kind} fixes it to {solver.propagation}; "
@@ -112,7 +114,7 @@ def check_propagation(rc: RunCfg, needs_data: bool) -> None:
     multi = searched(rc)
     propagation = db.propagation
     if propagation == "auto":
-        propagation = "compressed" if not multi else "dense" if m.kind == "sparse" else "reference"
+        propagation = "compressed" if not multi else "reference" if m.kind == "quant" else "dense"
     if propagation == "dense" and db.true_sequential and needs_data:
         raise UserError("database.true_sequential: needs propagation compressed or reference (dense never "
                         "replaces weights, so there is no sequence inside a block)")

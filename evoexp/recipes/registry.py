@@ -6,12 +6,14 @@ from evoexp.recipes.contract import Recipe
 from evoexp.recipes.dense import DenseRecipe
 from evoexp.recipes.depth import DepthPruningRecipe
 from evoexp.recipes.layerwise import LayerwiseRecipe
+from evoexp.recipes.structured import StructuredRecipe
 
 RECIPES: dict[str, type[Recipe]] = {
     "dense": DenseRecipe,
     "drop": DepthPruningRecipe,
     "sparse": LayerwiseRecipe,
     "quant": LayerwiseRecipe,
+    "structured": StructuredRecipe,
 }
 
 

@@ -42,12 +42,15 @@ def write_figures(run: FinishedRun) -> list[Path]:
         paths.append(depth_profile(run, out / "dropped_sub_blocks.png"))
     elif run.kind in ("sparse", "quant") and run.recipe.allocation:
         paths.append(level_profile(run, out / f"{'sparsity' if run.kind == 'sparse' else 'bits'}_profile.png"))
+    elif run.kind == "structured" and run.recipe.allocation:
+        paths.append(structured_profile(run, out / "kept_heads_neurons.png"))
     return paths
 
 
 def _title(run: FinishedRun) -> str:
     target = run.target
-    what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization"}.get(run.kind, "")
+    what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization",
+            "structured": "structured pruning"}.get(run.kind, "")
     unit = f"{target:g} bits" if run.kind == "quant" else f"{target:.1%}" if target is not None else ""
     return f"{run.model}, {what} {unit}, seed {run.seed}"
 
@@ -158,3 +161,26 @@ def level_profile(run: FinishedRun, path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"Level profile: {_title(run)}", fontsize=10)
     return _save(fig, path)
+
+
+def structured_profile(run: FinishedRun, path: Path) -> Path:
+    """Attention heads and MLP neurons each model keeps per block (the dense model's counts dashed)."""
+    plt = _pyplot()
+    models = {n: m.details["achieved"] for n, m in run.recipe.models.items() if "heads_kept" in
+              m.details.get("achieved", {})}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, (kept, full, label) in zip(axes, (("heads_kept", "heads", "query heads kept"),
+                                              ("neurons_kept", "neurons", "MLP neurons kept"))):
+        for name, a in models.items():
+            ax.plot(range(len(a[kept])), a[kept], "o-", ms=3, label=f"{name} ({sum(a[kept])})")
+        if models:
+            dense = next(iter(models.values()))[full]
+            ax.plot(range(len(dense)), dense, "k--", lw=1, label=f"dense ({sum(dense)})")
+        ax.set_xlabel("block")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Kept heads and neurons: {_title(run)}", fontsize=10)
+    return _save(fig, path)
+

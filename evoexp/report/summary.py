@@ -62,5 +62,8 @@ def print_files(run: FinishedRun) -> None:
     figures = sorted((run.run_dir / "figures").glob("*.png"))
     if figures:
         print(f"  figures: {', '.join(str(p) for p in figures)}")
-    if (run.run_dir / "model" / "config.json").exists():
-        print(f"  model: {run.run_dir / 'model'} (AutoModelForCausalLM.from_pretrained loads it)")
+    config = run.run_dir / "model" / "config.json"
+    if config.exists():  # a shrunk structured model ships its own modeling code (auto_map): remote code
+        remote = '"auto_map"' in config.read_text()
+        loader = "from_pretrained(dir, trust_remote_code=True)" if remote else "from_pretrained"
+        print(f"  model: {run.run_dir / 'model'} (AutoModelForCausalLM.{loader} loads it)")

@@ -148,7 +148,7 @@ def columns(table: Table) -> list[tuple]:
 
 def title(table: Table) -> str:
     what = {"drop": "depth pruning", "sparse": "unstructured sparsity", "quant": "quantization",
-            "dense": "dense"}.get(table.method, table.method)
+            "structured": "structured pruning", "dense": "dense"}.get(table.method, table.method)
     return f"{table.model} — {what}"
 
 
