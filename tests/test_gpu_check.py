@@ -58,7 +58,8 @@ def test_an_unknown_argument_is_refused(tmp_path):
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="with a CUDA device the script runs its real GPU steps, not the dry run this test checks")
 def test_the_timing_script_without_cuda_is_a_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=120)

@@ -15,6 +15,7 @@ keeps a subset of the previous one's groups):
 from __future__ import annotations
 
 import numbers
+from abc import ABC, abstractmethod
 import zlib
 from dataclasses import dataclass
 
@@ -193,12 +194,13 @@ class ZipLM(StructuredSolver):
         return [self.level(path[c].kept, path[c].weight) for c in counts]
 
 
-class StructuredPrior(StructuredSolver):
+class StructuredPrior(StructuredSolver, ABC):
     """A score per group, ranked once: count k removes the k lowest-scored groups and keeps the others'
     original weights (no update), so levels are nested. Ties break by group index (stable sort)."""
 
+    @abstractmethod
     def scores(self) -> torch.Tensor:
-        raise NotImplementedError
+        """One score per group; the lowest go first."""
 
     def compress(self, counts: list[int]) -> list[StructuredLevel]:
         check_counts(counts, self.groups, self.name)
