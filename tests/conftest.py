@@ -111,6 +111,58 @@ def embedded():
     return load_model(cfg, suite_device(), torch.float32)
 
 
+@pytest.fixture(scope="session")
+def block5_inputs(embedded):
+    """Block 5's q_proj, o_proj, up_proj and down_proj of the embedded model: {short name: (a copy of its weight,
+    the HessianAccumulator of its inputs on 8 wikitext-2 validation windows of 512 tokens)}. Shared by every test
+    that solves real layers: read it, never add batches to it."""
+    import torch
+
+    from evoexp.blockrun import BlockRunner
+    from evoexp.data import calibration_windows, load_tokens
+    from evoexp.solvers.hessian import HessianAccumulator
+
+    stream = load_tokens("wikitext2:validation", embedded.tokenizer)
+    windows, _ = calibration_windows(stream, embedded.tokenizer, 512, 8, seed=0, bos=False)
+    ad = embedded.adapter
+    wanted = {li.short: li.name for li in ad.linears(5) if li.short in ("q_proj", "o_proj", "up_proj", "down_proj")}
+    accs = {short: HessianAccumulator(ad.module(name).in_features) for short, name in wanted.items()}
+    runner = BlockRunner(ad)
+    runner.block_kwargs(4, 512, torch.device("cpu"))  # its dummy forward must not reach the hooks
+    hooks = [ad.module(name).register_forward_hook(lambda m, a, o, s=short: accs[s].add_batch(a[0]))
+             for short, name in wanted.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, 8, 4):
+                runner.run(runner.embed(windows[i: i + 4]), 0, 6)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(acc.tokens == 8 * 512 for acc in accs.values())
+    return {short: (ad.module(name).weight.detach().clone(), accs[short]) for short, name in wanted.items()}
+
+
+@pytest.fixture(scope="module")
+def depth_rig(tiny):
+    """Depth pruning at 25 % on the tiny model: (tiny, runner, level space, DropApplier, KL teacher on 12 windows
+    of 32 tokens); the applier restores the model after the module."""
+    import torch
+
+    from evoexp.blockrun import BlockRunner
+    from evoexp.config import DropMethodCfg
+    from evoexp.fitness import Teacher
+    from evoexp.methods.depth import depth_space
+    from evoexp.methods.drop import DropApplier
+
+    windows = torch.randint(3, 259, (12, 32), generator=torch.Generator().manual_seed(0))
+    runner = BlockRunner(tiny.adapter)
+    ds = depth_space(DropMethodCfg(target=0.25), tiny.adapter.num_blocks)
+    applier = DropApplier(tiny.adapter)
+    teacher = Teacher(tiny.adapter, windows, "kl").build(runner)
+    yield tiny, runner, ds, applier, teacher
+    applier.restore()
+
+
 def run_cfg(cfg):
     """The typed RunCfg a job receives (Hydra passes the config without its `hydra` node)."""
     from omegaconf import OmegaConf, open_dict

@@ -33,6 +33,7 @@ QUANT = ["method=quant", "search=uniform", "eval.windows=2"]
 QUANT_EVO = ["method=quant", "search=evopress_quant_cpu", "eval.windows=2"]
 STRUCT = ["method=structured", "search=uniform", "eval.windows=2"]
 STRUCT_EVO = ["method=structured", "search=evopress_sparse_cpu", "eval.windows=2"]
+DARWIN = ["method=structured", "search=darwinlm_cpu", "eval.windows=2"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 as_root = pytest.mark.skipif(IS_ROOT, reason="root ignores file permissions")
 
@@ -194,6 +195,18 @@ CASES = [
     ([*QUANT, "solver=wanda_sp"], {}, "solver: 'wanda_sp' does not apply to method=quant"),
     (["method=structured", "search=owl"], {}, "search: owl allocates sparsity; it does not apply to method=structured"),
     (["method=structured", "search=shortgpt"], {}, "search: 'shortgpt' does not apply to method=structured"),
+    # --- search=darwinlm ----------------------------------------------------------------------------------------
+    (["method=sparse", "search=darwinlm_cpu"], {}, "search: darwinlm fine-tunes candidates whose heads and neurons "
+                                                   "are removed; it needs method=structured, not method=sparse"),
+    (["method=drop", "search=darwinlm"], {}, "search: 'darwinlm' does not apply to method=drop"),
+    ([*DARWIN, "search.lr=0"], {}, "search.lr: expected > 0, got 0"),
+    ([*DARWIN, "search.lr=-1e-5"], {}, "search.lr: expected > 0, got -1e-05"),
+    ([*DARWIN, "search.stages=[{survivors:1,tokens:512,train_tokens:0}]"], {},
+     "search.stages[0].train_tokens: expected >= 1, got 0"),
+    ([*DARWIN, "search.train_windows=1"], {},
+     "search.stages[1].train_tokens: 2048 exceeds the training text, search.train_windows x data.seq_len = 1 x 1024 "
+     "= 1024 tokens (raise search.train_windows)"),
+    ([*DARWIN, "search.train_batch=0"], {}, "search.train_batch: expected >= 1, got 0"),
     # --- the environment ----------------------------------------------------------------------------------------
     ([*DENSE], {"EVOEXP_CACHE": "{tmp}/file/cache"},
      "EVOEXP_CACHE: expected a writable directory, got {tmp}/file/cache ({tmp}/file is a file)"),
@@ -352,7 +365,8 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
                  ["method=quant", "solver=rtn"], ["method=quant", "method.target=2.5", "search=evopress_quant_cpu"],
                  STRUCT, STRUCT_EVO, ["method=structured", "search=dp"], ["method=structured", "search=random"],
                  ["method=structured", "method.budget=params", "method.kv_groups=true", "solver=wanda_sp"],
-                 ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"]):
+                 ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"],
+                 DARWIN, ["method=structured", "search=darwinlm"]):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)

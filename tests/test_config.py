@@ -1,6 +1,5 @@
 """Every config file composes into the typed schema; bad overrides fail naming the key."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from evoexp.blockrun import BlockRunner
-from evoexp.config import DropMethodCfg, ModelCfg
+from evoexp.config import ModelCfg
 from evoexp.database.store import Database
 from evoexp.errors import UserError
-from evoexp.fitness import Minibatch, Teacher, sample_minibatch
-from evoexp.methods.depth import depth_space
-from evoexp.methods.drop import DropApplier
+from evoexp.fitness import Minibatch, sample_minibatch
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.evopress import EvoPress, EvoPressSettings, Stage
 from evoexp.tensorfiles import check_safetensors
@@ -226,14 +223,8 @@ def test_a_damaged_or_inconsistent_search_state_blames_the_file(tmp_path):
 
 # --- work counters across processes, at the engine ---------------------------------------------------------------
 @pytest.fixture(scope="module")
-def rig(tiny):
-    windows = torch.randint(3, 259, (12, 32), generator=torch.Generator().manual_seed(0))
-    runner = BlockRunner(tiny.adapter)
-    ds = depth_space(DropMethodCfg(target=0.25), tiny.adapter.num_blocks)
-    applier = DropApplier(tiny.adapter)
-    teacher = Teacher(tiny.adapter, windows, "kl").build(runner)
-    yield runner, ds, applier, teacher
-    applier.restore()
+def rig(depth_rig):
+    return depth_rig[1:]  # runner, level space, applier, teacher
 
 
 class ColdCacheLoads:

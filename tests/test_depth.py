@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from evoexp.blockrun import BlockRunner
 from evoexp.config import DropMethodCfg
 from evoexp.errors import UserError
 from evoexp.fitness import Teacher, sample_minibatch
 from evoexp.methods.depth import depth_space, score_baseline
-from evoexp.methods.drop import DropApplier
 from evoexp.search.evaluator import CandidateEvaluator
 
 from .conftest import run_cli
@@ -43,14 +41,8 @@ def test_depth_spaces():
 
 
 @pytest.fixture(scope="module")
-def rig(tiny):
-    windows = torch.randint(3, 259, (12, 32), generator=torch.Generator().manual_seed(0))
-    runner = BlockRunner(tiny.adapter)
-    ds = depth_space(DropMethodCfg(target=0.25), tiny.adapter.num_blocks)
-    applier = DropApplier(tiny.adapter)
-    teacher = Teacher(tiny.adapter, windows, "kl").build(runner)
-    yield tiny, runner, ds, applier, teacher
-    applier.restore()
+def rig(depth_rig):
+    return depth_rig
 
 
 def evaluator(rig, incremental=True, kind=None):

@@ -4,12 +4,9 @@ import logging
 import pytest
 import torch
 
-from evoexp.blockrun import BlockRunner
 from evoexp.config.solvers import MagnitudeCfg, RandomCfg, WandaSPCfg, ZipLMCfg
-from evoexp.data import calibration_windows, load_tokens
 from evoexp.errors import UserError
 from evoexp.solvers import Magnitude
-from evoexp.solvers.hessian import HessianAccumulator
 from evoexp.solvers.registry import check_solver, make_solver, solver_class
 from evoexp.solvers.structured import (StructMagnitude, StructRandom, StructuredLevel, WandaSP, ZipLM,
                                        block_inverses)
@@ -179,26 +176,11 @@ def test_registry_resolves_structured_solvers_by_method():
 # --- real layers ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def layers(embedded):
-    """o_proj and down_proj of block 5 with their inputs on 8 wikitext-2 calibration windows of 512 tokens."""
-    stream = load_tokens("wikitext2:validation", embedded.tokenizer)
-    windows, _ = calibration_windows(stream, embedded.tokenizer, 512, 8, seed=0, bos=False)
-    ad = embedded.adapter
-    wanted = {li.short: li.name for li in ad.linears(5) if li.short in ("o_proj", "down_proj")}
-    accs = {short: HessianAccumulator(ad.module(name).in_features) for short, name in wanted.items()}
-    runner = BlockRunner(ad)
-    runner.block_kwargs(4, 512, torch.device("cpu"))
-    hooks = [ad.module(name).register_forward_hook(lambda m, a, o, s=short: accs[s].add_batch(a[0]))
-             for short, name in wanted.items()]
-    with torch.no_grad():
-        for i in range(0, 8, 4):
-            runner.run(runner.embed(windows[i: i + 4]), 0, 6)
-    for h in hooks:
-        h.remove()
+def layers(embedded, block5_inputs):
+    """o_proj and down_proj of block 5 with their inputs' Hessians, and their groups: a head's columns, one neuron."""
     cfg = embedded.model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {short: (ad.module(name).weight.detach().clone(), accs[short], head_dim if short == "o_proj" else 1)
-            for short, name in wanted.items()}
+    return {short: (*block5_inputs[short], head_dim if short == "o_proj" else 1) for short in ("o_proj", "down_proj")}
 
 
 @pytest.mark.embedded

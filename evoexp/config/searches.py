@@ -52,6 +52,38 @@ class EvoPressCfg:
 
 
 @dataclass
+class TrainStageCfg:
+    """A DarwinLM selection stage: survivors kept, fitness tokens, and the tokens each candidate is fine-tuned on
+    before it is scored."""
+
+    survivors: int = 1
+    tokens: int = 2048
+    train_tokens: int = 10_000
+
+
+@dataclass
+class DarwinLMCfg(EvoPressCfg):
+    """EvoPress with training-aware selection (DarwinLM): each candidate of a stage is fine-tuned on the stage's
+    training minibatch (shared by the stage's candidates, fresh each generation) before it is scored."""
+
+    kind: str = "darwinlm"
+    stages: List[TrainStageCfg] = field(default_factory=lambda: [
+        TrainStageCfg(8, 1024, 10_000), TrainStageCfg(4, 2048, 50_000), TrainStageCfg(2, 4096, 100_000),
+        TrainStageCfg(1, 8192, 200_000)])
+    lr: float = 1e-5  # AdamW, torch's defaults otherwise (weight decay 0.01, betas 0.9 / 0.999), as the authors
+    weight_decay: float = 0.01
+    train_batch: int = 1  # sequences per optimizer step (the authors: 1)
+    train_windows: int = 256  # the training text: windows of data.seq_len drawn from data.calib (seed data.seed+1)
+    # true: removed heads / neurons stay exactly zero while a candidate trains (their gradients masked, the mask
+    # re-applied after each step) and the trained weights are fp32 masters; false: the released code's behaviour
+    # (every weight trains, pruned columns regrow, weights train in the model's dtype)
+    protect_pruned: bool = True
+    # false: every stage fine-tunes a survivor from its database weights, as the authors do; true: a survivor
+    # continues from where its previous stage left it (replayed, so no per-candidate copy is kept)
+    continue_training: bool = False
+
+
+@dataclass
 class RandomSearchCfg:
     kind: str = "random"
     candidates: int = 64

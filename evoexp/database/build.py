@@ -95,7 +95,7 @@ def build_database(db: Database, adapter: DecoderAdapter, windows: torch.Tensor 
             if windows is None:
                 raise ValueError(f"solver {solver_cfg.kind} needs calibration windows")
             sequential(BlockRunner(adapter), windows, compress, spec.propagation, batch, spec.true_sequential,
-                       finished)
+                       finished, only=set(spec.grid))
         else:  # magnitude / RTN read no activations: no forwards at all
             for li in adapter.linears():
                 if li.name in spec.grid and li.name in mine and not db.has(li.name):

@@ -1,13 +1,8 @@
 """Writing a structured allocation as a physically smaller model: each block keeps only its own query heads, K/V
 heads and MLP neurons (`evoexp.models.shrink`), with the kept columns' compensated weights from the database.
-
-`evoexp.models.shrink` imports the shrunk model's classes and with them transformers' Llama modeling (about 4 s
-on 2 cores): every `evoexp` start would pay that for a module used only by an export, so it is imported when an
-export (or its check) needs it, the way `evoexp.models.hetero.register` imports those classes.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -15,17 +10,13 @@ import torch
 from evoexp.methods.layerwise import Allocation
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.heads import BlockState, StructuredState, geometry
+from evoexp.models.shrink import save_shrunk
 from evoexp.utils import write_json
 
 LOADING = ("\n## Loading\n\nPhysically shrunk: each layer keeps its own query heads, K/V heads and MLP neurons (config "
            "`evoexp_hetero`, modeling code beside config.json). Load with `AutoModelForCausalLM.from_pretrained(dir, "
            "trust_remote_code=True)`, or with evoexp (`evoexp model=<dir>`, `evoexp.models.shrink.load_shrunk(dir)`), "
            "which runs its own installed copy of that code. `evoexp_structured.json` lists what each layer keeps.\n")
-
-
-def shrink_module():
-    """`evoexp.models.shrink`, imported on first use (see the module docstring)."""
-    return importlib.import_module("evoexp.models.shrink")
 
 
 def shrunk_state(adapter: DecoderAdapter, alloc: Allocation) -> tuple[StructuredState, dict[str, torch.Tensor]]:
@@ -46,7 +37,7 @@ def export_structured(model, tokenizer, alloc: Allocation, allocation: dict, car
     """The shrunk checkpoint of `alloc` in `out`, with allocation.json and the model card. `model` may hold any
     levels: the kept columns come from the database, every other kept tensor is the dense model's."""
     state, weights = shrunk_state(DecoderAdapter(model), alloc)
-    out = shrink_module().save_shrunk(model, state, out, tokenizer, weights)
+    out = save_shrunk(model, state, out, tokenizer, weights)
     write_json(out / "allocation.json", allocation, digest=False)  # shipped with the model: plain JSON
     (out / "README.md").write_text(card + LOADING)
     return out

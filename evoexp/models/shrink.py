@@ -11,6 +11,9 @@ loads it with its own installed copy of those files and runs nothing from the di
 Supported sources: Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms) and Phi-3 (fused qkv_proj and
 gate_up_proj are stored split) with full rotary embeddings. Gemma's scaled embeddings, sandwich norms and
 soft-capping are not in the shrunk format: structured Gemma models stay masked.
+
+The shrunk model's classes (and with them transformers' Llama modeling, seconds to import on 2 cores) are
+imported when a model is shrunk or loaded, not with this module: every `evoexp` start imports it.
 """
 from __future__ import annotations
 
@@ -25,9 +28,7 @@ from torch import nn
 from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.heads import BlockGeometry, BlockState, StructuredState, geometry, masked_weights, removed_params
-from evoexp.models.hetero import AUTO_MAP, FILES, MODEL_TYPE, register
-from evoexp.models.hetero.configuration_evoexp_hetero import FORMAT_VERSION, EvoexpHeteroConfig
-from evoexp.models.hetero.modeling_evoexp_hetero import EvoexpHeteroForCausalLM, LlamaRotaryEmbedding
+from evoexp.models.hetero import AUTO_MAP, FILES, MODEL_TYPE, configuration, modeling, register
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", MODEL_TYPE)  # a shrunk model can shrink further
 META_FILE = "evoexp_structured.json"
@@ -53,7 +54,7 @@ def _head_order(g: BlockGeometry, b: BlockState) -> list[int]:
     return sorted(b.heads, key=lambda h: (g.kv_of_q[h], h))
 
 
-def shrunk_config(model: nn.Module, geoms: list[BlockGeometry], state: StructuredState) -> EvoexpHeteroConfig:
+def shrunk_config(model: nn.Module, geoms: list[BlockGeometry], state: StructuredState):
     src = model.config
     keep = [i for i, b in enumerate(state.blocks) if b.heads or b.neurons]
     if not keep:
@@ -68,14 +69,15 @@ def shrunk_config(model: nn.Module, geoms: list[BlockGeometry], state: Structure
         sizes.append([heads.count(kv) for kv in b.kept_kv(g)])
     g0 = geoms[0]
     kwargs = {k: getattr(src, k) for k in COPIED if hasattr(src, k)}
-    return EvoexpHeteroConfig(
+    cfg = configuration()
+    return cfg.EvoexpHeteroConfig(
         **kwargs, num_hidden_layers=len(keep), head_dim=g0.head_dim, layer_types=[types[i] for i in keep],
         layer_kv_group_sizes=sizes, layer_intermediate_sizes=[len(state.blocks[i].neurons) for i in keep],
         attention_in_bias=g0.qkv_bias, attention_out_bias=g0.o_bias, mlp_in_bias=g0.mlp_in_bias,
         mlp_out_bias=g0.mlp_out_bias, qk_norm=hasattr(model.get_submodule(g0.attn_out.rsplit(".", 1)[0]), "q_norm"),
         source_model_type=getattr(src, "source_model_type", src.model_type),
         source_layers=[getattr(src, "source_layers", range(len(geoms)))[i] for i in keep],
-        evoexp_format=FORMAT_VERSION, use_cache=True)
+        evoexp_format=cfg.FORMAT_VERSION, use_cache=True)
 
 
 def _rows(heads: list[int], width: int) -> torch.Tensor:
@@ -167,12 +169,12 @@ def shrink_model(model: nn.Module, state: StructuredState,
     config._attn_implementation = model.config._attn_implementation
     sd = shrunk_state_dict(adapter, geoms, state, weights)
     with torch.device("meta"):  # no initialisation of weights that are replaced at once
-        out = EvoexpHeteroForCausalLM(config)
+        out = modeling().EvoexpHeteroForCausalLM(config)
     out.load_state_dict(sd, strict=True, assign=True)
     if config.tie_word_embeddings:
         out.lm_head.weight = out.model.embed_tokens.weight
     device = adapter.embed.weight.device
-    out.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)  # its buffers were made on meta
+    out.model.rotary_emb = modeling().LlamaRotaryEmbedding(config=config).to(device)  # its buffers were made on meta
     if getattr(model, "generation_config", None) is not None:
         out.generation_config = model.generation_config
     return out.eval()
@@ -191,7 +193,7 @@ def save_shrunk(model: nn.Module, state: StructuredState, out_dir: str | Path, t
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     geoms = geometry(DecoderAdapter(model))
-    meta = {"format": FORMAT_VERSION, "source_model_type": model.config.model_type,
+    meta = {"format": out.config.evoexp_format, "source_model_type": model.config.model_type,
             "source_layers": out.config.source_layers, "state": state.to_dict(),
             "dense_params": sum(p.numel() for p in model.parameters()),
             "removed_params": removed_params(geoms, state),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from evoexp.config import DPSearchCfg, EvoPressCfg, OwlSearchCfg, RandomSearchCfg, RunCfg
-from evoexp.errors import UserError, check_choice, check_min, check_positive, fail
+from evoexp.errors import UserError, check_above, check_choice, check_min, check_positive, fail
 from evoexp.methods.export import FORMATS
 from evoexp.methods.layerwise import check_quant, check_sparse, uniform_grid
 from evoexp.methods.level_kinds import LEVEL_KINDS
@@ -10,7 +10,7 @@ from evoexp.models.peek import peek_context
 from evoexp.recipes.checks import check_calibration, check_context, check_search, check_writable_dir, evopress_tokens
 from evoexp.solvers.registry import check_solver, solver_class
 
-SEARCHES = ("uniform", "evopress", "random", "dp", "owl")
+SEARCHES = ("uniform", "evopress", "darwinlm", "random", "dp", "owl")
 BASELINES = ("uniform", "random", "dp", "owl")
 EXPORTS = ("none", "auto", *FORMATS)
 REFERENCE_SCHEMAS = {"random": RandomSearchCfg, "dp": DPSearchCfg, "owl": OwlSearchCfg}
@@ -22,6 +22,9 @@ def check_layerwise(rc: RunCfg) -> None:
     m, s = rc.method, rc.search
     if s.kind not in SEARCHES:
         raise UserError(f"search: {s.kind!r} does not apply to method={m.kind} ({', '.join(SEARCHES)})")
+    if s.kind == "darwinlm" and m.kind != "structured":
+        raise UserError(f"search: darwinlm fine-tunes candidates whose heads and neurons are removed; it needs "
+                        f"method=structured, not method={m.kind}")
     check_solver_settings(rc)
     bad = [r for r in (s.references or []) if r not in BASELINES]
     if bad:
@@ -43,9 +46,27 @@ def check_layerwise(rc: RunCfg) -> None:
     solver = solver_class(rc.solver.kind, m.kind)
     if not solver.propagation:
         check_propagation(rc, solver.needs_data)
-    if s.kind == "evopress":
+    if s.kind in ("evopress", "darwinlm"):
         check_init(s.init, kind.fractional(m), m.target)
         check_calibration(rc, evopress_tokens(s))
+    if s.kind == "darwinlm":
+        check_darwinlm(rc)
+
+
+def check_darwinlm(rc: RunCfg) -> None:
+    """The training side of search=darwinlm: learning rate, token budgets against the training text."""
+    s = rc.search
+    check_above(s.lr, "search.lr", 0)
+    check_min(s.weight_decay, "search.weight_decay", 0)
+    check_positive(s.train_batch, "search.train_batch")
+    check_positive(s.train_windows, "search.train_windows")
+    text = s.train_windows * rc.data.seq_len
+    for i, st in enumerate(s.stages):
+        check_positive(st.train_tokens, f"search.stages[{i}].train_tokens")
+        if st.train_tokens > text:
+            raise UserError(f"search.stages[{i}].train_tokens: {st.train_tokens} exceeds the training text, "
+                            f"search.train_windows x data.seq_len = {s.train_windows} x {rc.data.seq_len} = {text} "
+                            f"tokens (raise search.train_windows)")
 
 
 def searched(rc: RunCfg) -> bool:

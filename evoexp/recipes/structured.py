@@ -13,11 +13,13 @@ from evoexp.errors import UserError
 from evoexp.methods.export import model_card
 from evoexp.methods.layerwise import Allocation
 from evoexp.methods.structured import check_geometry, structured_budget, structured_units, uniform_values
-from evoexp.methods.structured_export import export_structured, shrink_module
+from evoexp.methods.structured_export import export_structured
 from evoexp.models.adapter import LinearInfo
 from evoexp.models.heads import geometry
 from evoexp.models.peek import peek_config
+from evoexp.models.shrink import check_shrinkable
 from evoexp.recipes.contract import RecipeResult
+from evoexp.recipes.darwinlm import darwinlm_search
 from evoexp.recipes.layerwise import LayerwiseRecipe
 from evoexp.recipes.layerwise_checks import check_layerwise
 
@@ -45,8 +47,13 @@ class StructuredRecipe(LayerwiseRecipe):
 
     def run(self) -> RecipeResult:
         if self.export_format() != "none":  # an architecture the shrunk format lacks stops now, not after the search
-            shrink_module().check_shrinkable(self.ctx.loaded.model)
+            check_shrinkable(self.ctx.loaded.model)
         return super().run()
+
+    def choose(self, kind: str, cfg) -> Allocation:
+        if kind == "darwinlm":  # EvoPress with training-aware selection (recipes/darwinlm.py)
+            return darwinlm_search(self, cfg)
+        return super().choose(kind, cfg)
 
     def details(self, alloc: Allocation | None) -> dict:
         out = super().details(alloc)

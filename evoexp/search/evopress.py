@@ -89,10 +89,9 @@ class EvoPress:
             for i, stage in enumerate(self.s.stages):
                 if i == len(self.s.stages) - 1:
                     cands = cands + [parent]
-                batch = self.sample(stage.tokens, rng)
-                fits = self.evaluator.score(cands, batch, parent=parent)
+                fits, entry = self._score_stage(i, stage, cands, parent, rng)
                 order = np.argsort(fits, kind="stable")[: stage.survivors]
-                stage_log.append({"tokens": batch.tokens, "candidates": len(cands),
+                stage_log.append({**entry, "candidates": len(cands),
                                   "fitness": [float(fits[j]) for j in np.argsort(fits, kind="stable")]})
                 cands = [cands[j] for j in order]
                 best_fit = float(fits[order[0]])
@@ -112,6 +111,12 @@ class EvoPress:
             if self.on_generation:
                 self.on_generation(record)
         return SearchResult(parent, parent_fit, gen, history, self.evaluator.evaluations)
+
+    def _score_stage(self, index: int, stage: Stage, cands: list[np.ndarray], parent: np.ndarray,
+                     rng: np.random.Generator) -> tuple[list[float], dict]:
+        """Fitness of every candidate of a stage on one fresh minibatch, and what the history keeps of it."""
+        batch = self.sample(stage.tokens, rng)
+        return self.evaluator.score(cands, batch, parent=parent), {"tokens": batch.tokens}
 
     def _offspring(self, parent: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         kids, seen = [], {parent.tobytes()}

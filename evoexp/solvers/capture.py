@@ -11,7 +11,7 @@ group seeing the inputs produced by the already-compressed groups before it.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 
@@ -75,8 +75,11 @@ def activation_norms(runner: BlockRunner, windows: torch.Tensor, batch: int = 8)
 @torch.no_grad()
 def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, propagation: str = "dense",
                batch: int = 8, true_sequential: bool = False, finished: Finished | None = None,
-               on_block: Callable[[int], None] | None = None, accumulator=HessianAccumulator) -> None:
-    """Walk the blocks: accumulate Hessians from hooks (one per distinct input), compress, propagate."""
+               on_block: Callable[[int], None] | None = None, accumulator=HessianAccumulator,
+               only: Collection[str] | None = None) -> None:
+    """Walk the blocks: accumulate Hessians from hooks (one per distinct input), compress, propagate. With
+    `only`, Hessians are accumulated just for the input groups holding one of those layers (a structured
+    database solves o_proj and down_proj: the q/k/v and gate/up inputs would be computed for nothing)."""
     if propagation not in PROPAGATIONS:
         raise UserError(f"database.propagation: expected one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
     if true_sequential and propagation == "dense":
@@ -92,7 +95,7 @@ def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, p
         if done is not None:
             weights, outputs = done, None
         else:
-            weights, outputs = _compress_block(runner, hidden, b, compress, true_sequential, accumulator)
+            weights, outputs = _compress_block(runner, hidden, b, compress, true_sequential, accumulator, only)
         if propagation != "dense" and weights:
             outputs = None
         if outputs is None:
@@ -104,10 +107,11 @@ def sequential(runner: BlockRunner, windows: torch.Tensor, compress: Compress, p
 
 
 def _compress_block(runner: BlockRunner, hidden: list[torch.Tensor], b: int, compress: Compress,
-                    true_sequential: bool, accumulator=HessianAccumulator) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+                    true_sequential: bool, accumulator=HessianAccumulator, only: Collection[str] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
     """Compress block b; returns the weights to propagate with and, if still valid, the dense block outputs."""
     ad = runner.adapter
-    groups = ad.input_groups(b)
+    groups = [g for g in ad.input_groups(b) if only is None or any(li.name in only for li in g)]
     stages = [[g] for g in groups] if true_sequential else [groups]
     weights: dict[str, torch.Tensor] = {}
     outputs = None

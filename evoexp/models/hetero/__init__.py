@@ -19,14 +19,23 @@ AUTO_MAP = {"AutoConfig": f"{CONFIG_MODULE}.EvoexpHeteroConfig",
             "AutoModelForCausalLM": f"{MODELING_MODULE}.EvoexpHeteroForCausalLM"}
 
 
+def configuration():
+    """The configuration module (imports transformers' Llama config), on first use."""
+    return importlib.import_module(f"{__name__}.{CONFIG_MODULE}")
+
+
+def modeling():
+    """The modeling module (imports transformers' Llama modeling, seconds on 2 cores), on first use."""
+    return importlib.import_module(f"{__name__}.{MODELING_MODULE}")
+
+
 def register() -> None:
     """Let AutoConfig / AutoModelForCausalLM resolve `model_type: evoexp_hetero` to the classes installed with
     evoexp (idempotent). transformers then uses them for such a checkpoint unless trust_remote_code=True asks for
     the checkpoint's own copy."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_cls = importlib.import_module(f"{__name__}.{CONFIG_MODULE}").EvoexpHeteroConfig
-    model_cls = importlib.import_module(f"{__name__}.{MODELING_MODULE}").EvoexpHeteroForCausalLM
+    config_cls, model_cls = configuration().EvoexpHeteroConfig, modeling().EvoexpHeteroForCausalLM
     try:
         AutoConfig.register(MODEL_TYPE, config_cls)
     except ValueError:  # already registered by an earlier call
@@ -37,4 +46,4 @@ def register() -> None:
         pass
 
 
-__all__ = ["AUTO_MAP", "FILES", "MODEL_TYPE", "register"]
+__all__ = ["AUTO_MAP", "FILES", "MODEL_TYPE", "configuration", "modeling", "register"]
