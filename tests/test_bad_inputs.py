@@ -207,6 +207,20 @@ CASES = [
      "search.stages[1].train_tokens: 2048 exceeds the training text, search.train_windows x data.seq_len = 1 x 1024 "
      "= 1024 tokens (raise search.train_windows)"),
     ([*DARWIN, "search.train_batch=0"], {}, "search.train_batch: expected >= 1, got 0"),
+    # --- train= (post-compression training) ----------------------------------------------------------------------
+    ([*QUANT, "train=finetune"], {}, "train: a method=quant model holds integer codes, which evoexp does not train; "
+                                     "use train=none"),
+    ([*DROP, "train=distill"], {}, "train: post-compression training is implemented for method=sparse and "
+                                   "method=structured, not method=drop (use train=none)"),
+    ([*STRUCT, "train=distill", "export=auto"], {}, "export: the exported model would be the one-shot one; with "
+                                                    "train= set export=none"),
+    ([*STRUCT, "train=finetune", "train.lr=0"], {}, "train.lr: expected > 0, got 0"),
+    ([*SPARSE, "train=finetune", "train.tokens=0"], {}, "train.tokens: expected >= 1, got 0"),
+    ([*STRUCT, "train=distill", "train.warmup=1.5"], {}, "train.warmup: expected a fraction of the steps in [0, 1), "
+                                                         "got 1.5"),
+    ([*STRUCT, "train=finetune", "train.schedule=step"], {}, "train.schedule: expected one of cosine, linear, "
+                                                             "constant, got 'step'"),
+    ([*STRUCT, "train.kind=lora"], {}, "train: expected one of none, finetune, distill, got 'lora'"),
     # --- the environment ----------------------------------------------------------------------------------------
     ([*DENSE], {"EVOEXP_CACHE": "{tmp}/file/cache"},
      "EVOEXP_CACHE: expected a writable directory, got {tmp}/file/cache ({tmp}/file is a file)"),
@@ -366,7 +380,8 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
                  STRUCT, STRUCT_EVO, ["method=structured", "search=dp"], ["method=structured", "search=random"],
                  ["method=structured", "method.budget=params", "method.kv_groups=true", "solver=wanda_sp"],
                  ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"],
-                 DARWIN, ["method=structured", "search=darwinlm"]):
+                 DARWIN, ["method=structured", "search=darwinlm"], [*DARWIN, "train=distill"],
+                 [*SPARSE, "train=finetune"]):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)

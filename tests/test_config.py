@@ -18,7 +18,7 @@ REQUIRED = {
     **{f"solver/{s}": ["method=quant"] for s in ("gptq", "rtn")},
     **{f"solver/{s}": ["method=structured"] for s in ("ziplm", "wanda_sp", "random")},
 }
-GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger", "export"]
+GROUPS = ["model", "data", "method", "search", "solver", "database", "fitness", "eval", "logger", "export", "train"]
 
 
 def group_options():

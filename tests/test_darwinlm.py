@@ -156,13 +156,18 @@ def test_continue_training_replays_a_survivors_earlier_stages(rig, tmp_path):
     assert all(p[0] == first[0][0] and p[1] == last[0][0] for p in cont_last[:2])
 
 
-def test_darwinlm_from_the_command_line(tmp_path):
+def test_darwinlm_and_distillation_from_the_command_line(tmp_path):
     out = run_cli(*SMALL, "method=structured", "method.target=0.3", "search=darwinlm_cpu", "search.generations=2",
                   "search.offspring=4", "data.seq_len=64", "search.train_windows=16",
                   "search.stages=[{survivors:2,tokens:256,train_tokens:128},{survivors:1,tokens:512,train_tokens:256}]",
-                  "search.init_tokens=256", f"hydra.run.dir={tmp_path}")
+                  "search.init_tokens=256", "train=distill", "train.tokens=4096", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "found by darwinlm: 29.93% of the decoder blocks' parameters removed" in out.stdout
     result = read_json(tmp_path / "result.json")
     assert result["search"]["train_tokens"] == 2 * (4 * 128 + 3 * 256)
-    assert set(result["models"]) == {"dense", "darwinlm", "uniform"}
+    assert set(result["models"]) == {"dense", "darwinlm", "uniform", "darwinlm_trained"}
+    trained = result["models"]["darwinlm_trained"]
+    assert trained["train"]["kind"] == "distill" and trained["train"]["tokens"] >= 4096
+    assert trained["achieved"] == result["models"]["darwinlm"]["achieved"]  # pruned stays pruned
+    ppl = [result["models"][m]["ppl"]["wikitext2:test"]["float32"]["ppl"] for m in ("darwinlm", "darwinlm_trained")]
+    assert ppl[0] != ppl[1]

@@ -20,6 +20,7 @@ LAYERS = [
     ("data",),                      # text sources, tokens, windows
     ("blockrun", "fitness"),        # running blocks, the teacher and minibatches
     ("solvers",),                   # layer-wise solvers and their registry
+    ("train",),                     # training compressed models in place (masked AdamW, post-training)
     ("search",),                    # level spaces, candidate scoring, EvoPress
     ("eval",),                      # perplexity and zero-shot evaluation
     ("database",),                  # the per-level database: build, store, apply, provision

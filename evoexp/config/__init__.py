@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from evoexp.config.methods import (DenseMethodCfg, DropMethodCfg, MethodCfg, QuantMethodCfg, SparseMethodCfg,
                                    StructuredMethodCfg)
 from evoexp.config.run import (DatabaseCfg, DataCfg, Device, DType, EvalCfg, ExportCfg, FitnessCfg, LoggerCfg,
-                               ModelCfg, RunCfg, TinyModelCfg, ZeroShotCfg)
+                               ModelCfg, RunCfg, TinyModelCfg, TrainCfg, ZeroShotCfg)
 from evoexp.config.searches import (BruteSearchCfg, DarwinLMCfg, DPSearchCfg, EvoPressCfg, NoSearchCfg, OwlSearchCfg,
                                     RandomSearchCfg, ScoreSearchCfg, StageCfg, TrainStageCfg, UniformSearchCfg)
 from evoexp.config.solvers import (FistaCfg, GPTQCfg, MagnitudeCfg, RandomCfg, RTNCfg, SparseGPTCfg, WandaCfg,
@@ -25,7 +25,7 @@ __all__ = ["BruteSearchCfg", "DarwinLMCfg", "DPSearchCfg", "DatabaseCfg", "DataC
            "DropMethodCfg", "EvalCfg", "EvoPressCfg", "ExportCfg", "FistaCfg", "FitnessCfg", "GPTQCfg", "LoggerCfg",
            "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg", "OPTION_SCHEMAS", "OwlSearchCfg", "QuantMethodCfg",
            "RTNCfg", "RandomCfg", "RandomSearchCfg", "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg",
-           "StageCfg", "StructuredMethodCfg", "TinyModelCfg", "TrainStageCfg", "UniformSearchCfg", "WandaCfg", "WandaSPCfg",
+           "StageCfg", "StructuredMethodCfg", "TinyModelCfg", "TrainCfg", "TrainStageCfg", "UniformSearchCfg", "WandaCfg", "WandaSPCfg",
            "ZeroShotCfg", "ZipLMCfg", "method_schemas", "register_configs"]
 
 # Group options with their own fields get their own schema; the rest share RunCfg's types. Methods are not

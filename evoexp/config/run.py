@@ -160,6 +160,24 @@ class ExportCfg:
 
 
 @dataclass
+class TrainCfg:
+    """Post-compression training of the found model (train=finetune|distill), evaluated before and after."""
+
+    kind: str = "none"  # none | finetune (next-token loss) | distill (KL to the dense model, + ce_weight x CE)
+    tokens: int = 524_288  # training tokens (whole steps of `batch` windows: the last step may overshoot)
+    seq_len: Optional[int] = None  # null: data.seq_len
+    windows: Optional[int] = None  # training windows of data.calib (seed data.seed + 2); null: one pass of `tokens`
+    batch: int = 4  # windows per optimizer step
+    lr: float = 5e-5  # AdamW; fp32 master weights where the model runs in bf16, pruned entries masked
+    schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.01
+    ce_weight: float = 0.0  # distill only
+    checkpoint_every: int = 50  # steps
+    seed: Optional[int] = None  # null: the run's seed
+
+
+@dataclass
 class RunCfg:
     name: str = MISSING
     seed: int = 0
@@ -179,4 +197,5 @@ class RunCfg:
     fitness: FitnessCfg = field(default_factory=FitnessCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     logger: LoggerCfg = field(default_factory=LoggerCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
 

@@ -26,7 +26,37 @@ from evoexp.utils import cache_root
 SOURCES = ("embedded", "hf", "tiny")
 LOGGER_MODES = ("online", "offline", "disabled")
 EVOPRESS_INITS = ("random", "uniform", "fractional")
+TRAIN_KINDS = ("none", "finetune", "distill")
 SEED_LIMIT = 2**32 - 16  # numpy's global seed must be < 2**32; the run's streams add small offsets to it
+
+
+def check_train(rc: RunCfg) -> None:
+    """train= settings, and whether the run's method can be trained (before the model loads)."""
+    t = rc.train
+    check_choice(t.kind, "train", TRAIN_KINDS)
+    if t.kind == "none":
+        return
+    method = rc.method.kind
+    if method == "quant":
+        raise UserError("train: a method=quant model holds integer codes, which evoexp does not train; use "
+                        "train=none")
+    if method not in ("sparse", "structured"):
+        raise UserError(f"train: post-compression training is implemented for method=sparse and "
+                        f"method=structured, not method={method} (use train=none)")
+    if rc.export.kind != "none" or getattr(rc.method, "export", False):
+        raise UserError("export: the exported model would be the one-shot one; with train= set export=none (the "
+                        "trained model is evaluated, not yet exported)")
+    check_positive(t.tokens, "train.tokens")
+    check_above(t.lr, "train.lr", 0)
+    check_positive(t.batch, "train.batch")
+    check_positive(t.seq_len, "train.seq_len", null=True)
+    check_positive(t.windows, "train.windows", null=True)
+    check_positive(t.checkpoint_every, "train.checkpoint_every")
+    check_choice(t.schedule, "train.schedule", ("cosine", "linear", "constant"))
+    check_min(t.weight_decay, "train.weight_decay", 0)
+    check_min(t.ce_weight, "train.ce_weight", 0)
+    if not 0 <= t.warmup < 1:
+        raise UserError(f"train.warmup: expected a fraction of the steps in [0, 1), got {t.warmup}")
 
 
 # --- directories -----------------------------------------------------------------------------------------------
@@ -57,6 +87,7 @@ def check_run(rc: RunCfg) -> None:
     if rc.seed > SEED_LIMIT:
         fail("seed", f"<= {SEED_LIMIT}", rc.seed)
     check_positive(rc.threads, "threads", null=True)
+    check_train(rc)
     check_model(rc.model)
     check_data(rc)
     check_eval(rc)

@@ -60,8 +60,11 @@ class PrunedMasks:
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
 
     def __call__(self, state: np.ndarray) -> Masks:
+        return self.of_levels(self.lv.layers_of(state))
+
+    def of_levels(self, levels: dict[str, int]) -> Masks:
         out = {}
-        for name, level in self.lv.layers_of(state).items():
+        for name, level in levels.items():
             weight = self.adapter.module(name).weight
             key = (name, int(level))
             if key not in self.cache:

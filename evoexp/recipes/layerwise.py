@@ -27,6 +27,7 @@ from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch,
                                    rng_for, run_evopress)
 from evoexp.recipes.contract import RecipeContext, RecipeResult
 from evoexp.recipes.layerwise_checks import check_layerwise, reference_cfg
+from evoexp.recipes.posttrain import post_train
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.utils import stable_hash, write_json
 
@@ -96,6 +97,8 @@ class LayerwiseRecipe:
                                  lambda a: None if a is None else [a.db.key, a.levels],
                                  self.alloc_evaluator() if self.teacher is not None else None)
         self.put(None)
+        if rc.train.kind != "none":  # the found model trained in place, evaluated again (recipes/posttrain.py)
+            models[f"{kind}_trained"] = post_train(self, f"{kind}_trained", found)
         allocation = self.describe(found, models[kind].details["achieved"])
         write_json(ctx.out_dir / "allocation.json", allocation)
         ctx.tracker.summary({"achieved": models[kind].details["achieved"]})

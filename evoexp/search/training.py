@@ -27,6 +27,7 @@ from torch import nn
 from evoexp.fitness import Minibatch
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.evopress import EvoPress, EvoPressSettings, Stage
+from evoexp.train.masked import MaskedAdamW, trainable
 
 log = logging.getLogger(__name__)
 Masks = dict[nn.Parameter, torch.Tensor]  # parameter -> bool mask of the entries that stay (False: pruned)
@@ -90,32 +91,25 @@ class CandidateTrainer:
         if not self.snapshot:
             self.take_snapshot()
         params = self.params()
-        protect = self.s.protect_pruned
-        masters = [p.detach().float().clone() if protect and p.dtype != torch.float32 else p for p in params]
-        for m in masters:
-            m.requires_grad_(True)
-        opt = torch.optim.AdamW(masters, lr=self.s.lr, weight_decay=self.s.weight_decay, betas=self.s.betas,
-                                foreach=True)  # one fused update for all tensors, not a Python loop over them
-        keep = [masks.get(p) if protect else None for p in params]
-        was_training, flags = self.model.training, [p.requires_grad for p in params]
+        opt = MaskedAdamW(params, masks, self.s.lr, self.s.weight_decay, self.s.betas, self.s.protect_pruned)
+        was_training = self.model.training
         self.model.train()
-        for p in params:
-            p.requires_grad_(True)
         loss_sum, count = 0.0, 0
         try:
-            with torch.random.fork_rng(devices=[]):  # dropout (where a model has any) from the candidate's seed
+            with trainable(params), torch.random.fork_rng(devices=[]):  # dropout (if any) from the candidate's seed
                 torch.manual_seed(seed)
                 order = np.random.Generator(np.random.PCG64(seed))
-                for i, batch in enumerate(batches):
+                for batch in batches:
                     loss_sum, count = 0.0, 0
                     for ids in self._steps(batch, order):
-                        loss = self._step(ids, params, masters, keep, opt)
-                        loss_sum, count = loss_sum + loss * ids.numel(), count + ids.numel()
+                        ids = ids.to(params[0].device)
+                        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                        loss.backward()
+                        opt.step()
+                        self.tokens += ids.numel()
+                        loss_sum, count = loss_sum + float(loss.detach()) * ids.numel(), count + ids.numel()
         finally:
             self.model.train(was_training)
-            for p, flag in zip(params, flags):
-                p.grad = None
-                p.requires_grad_(flag)
         return loss_sum / max(count, 1)
 
     def _steps(self, batch: Minibatch, order: np.random.Generator):
@@ -127,30 +121,6 @@ class CandidateTrainer:
         for n, ids in sorted(by_len.items(), reverse=True):
             for i in range(0, len(ids), self.s.batch):
                 yield self.windows[ids[i: i + self.s.batch], :n]
-
-    def _step(self, ids: torch.Tensor, params, masters, keep, opt) -> float:
-        device = params[0].device
-        ids = ids.to(device)
-        out = self.model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        for p, m, k in zip(params, masters, keep):
-            if p.grad is None:
-                continue
-            g = p.grad if m is p else p.grad.float()
-            if k is not None:
-                g = g * k  # a pruned entry gets no update: Adam moments stay 0, so it stays exactly 0
-            m.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, m, k in zip(params, masters, keep):
-                if k is not None:
-                    m.mul_(k)  # re-applied: exact zeros whatever the optimizer's arithmetic did
-                if m is not p:
-                    p.copy_(m)
-                p.grad = None
-        self.tokens += ids.numel()
-        return float(out.loss.detach())
 
 
 class TrainingAwareEvaluator(CandidateEvaluator):

@@ -1,0 +1,100 @@
+"""Post-compression training (evoexp.train.posttrain, issue 34) on the tiny model: masks hold, a killed training
+resumes to the uninterrupted result, distillation starts at zero KL from the dense model."""
+import pytest
+import torch
+
+from evoexp.blockrun import BlockRunner
+from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
+
+
+@pytest.fixture()
+def model(tiny):
+    saved = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    yield tiny
+    tiny.model.load_state_dict(saved)
+
+
+def block_params(tiny):
+    return [p for b in (*tiny.adapter.blocks, tiny.adapter.final_norm) for p in b.parameters()]
+
+
+def windows(n=8, length=32):
+    return torch.randint(3, 259, (n, length), generator=torch.Generator().manual_seed(2))
+
+
+def pruned(tiny):
+    """Half of every down_proj's input columns removed (zeroed), as a structured model's would be."""
+    masks = {}
+    for b in tiny.adapter.blocks:
+        w = b.mlp.down_proj.weight
+        keep = torch.ones(1, w.shape[1], dtype=torch.bool)
+        keep[:, ::2] = False
+        with torch.no_grad():
+            w.mul_(keep)
+        masks[w] = keep
+    return masks
+
+
+def trainer(tiny, out_dir, masks, kind="finetune", log_fn=None, teacher=None, **kw):
+    s = PostTrainSettings(kind=kind, tokens=12 * 2 * 32, batch=2, lr=1e-3, checkpoint_every=5, **kw)
+    runner = BlockRunner(tiny.adapter)
+    hidden = lambda ids: runner.final(runner.run(runner.embed(ids), 0))  # noqa: E731
+    return PostTrainer(tiny.model, block_params(tiny), windows(), s, masks, out_dir, hidden_of=hidden,
+                       head=tiny.adapter.lm_head, teacher_hidden=teacher, log_fn=log_fn)
+
+
+def test_finetuning_keeps_pruned_columns_zero_and_lowers_the_loss(model, tmp_path):
+    masks = pruned(model)
+    out = trainer(model, tmp_path, masks).run()
+    assert out["steps"] == 12 and len(out["history"]) == 12
+    assert all(float(w.detach()[:, ~k[0]].abs().sum()) == 0 for w, k in masks.items())
+    losses = [h["loss"] for h in out["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_a_killed_training_resumes_to_the_uninterrupted_result(model, tmp_path):
+    masks = pruned(model)
+    start = {k: v.clone() for k, v in model.model.state_dict().items()}
+    full = trainer(model, tmp_path / "full", masks).run()
+    trained = {k: v.clone() for k, v in model.model.state_dict().items()}
+    model.model.load_state_dict(start)
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):
+        if record["step"] == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        trainer(model, tmp_path / "killed", masks, log_fn=kill).run()
+    model.model.load_state_dict(start)  # a new process: the model as the recipe puts it, the checkpoint on disk
+    resumed = trainer(model, tmp_path / "killed", masks).run()
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    assert all(torch.equal(v, trained[k]) for k, v in model.model.state_dict().items())
+    with pytest.raises(Exception, match="other settings"):
+        trainer(model, tmp_path / "killed", masks, seed=1).run()
+
+
+def test_distillation_from_the_dense_model_starts_at_zero_kl(model, tmp_path):
+    runner = BlockRunner(model.adapter)
+    teacher = teacher_states(lambda ids: runner.final(runner.run(runner.embed(ids), 0)), windows())
+    out = trainer(model, tmp_path, {}, kind="distill", teacher=teacher, ce_weight=0.5).run()
+    first = out["history"][0]
+    assert first["kl"] < 1e-3 and first["ce"] > 1 and first["loss"] == pytest.approx(first["kl"] + 0.5 * first["ce"])
+
+
+def test_a_sparse_run_trains_its_found_model_and_keeps_its_zeros(tmp_path):
+    from evoexp.utils import read_json
+    from tests.conftest import run_cli
+
+    out = run_cli("model=tiny", "logger=none", "method=sparse", "method.target=0.5", "search=uniform",
+                  "database.windows=8", "eval.windows=2", "train=finetune", "train.tokens=2048", "train.lr=1e-3",
+                  f"hydra.run.dir={tmp_path}", env={"EVOEXP_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-3000:]
+    models = read_json(tmp_path / "result.json")["models"]
+    assert models["uniform_trained"]["achieved"] == models["uniform"]["achieved"]  # counted from the weights
+    assert models["uniform_trained"]["train"]["steps"] == 2  # 2,048 tokens in steps of 4 x 256
+    ppl = [models[m]["ppl"]["wikitext2:test"]["float32"]["ppl"] for m in ("uniform", "uniform_trained")]
+    assert ppl[0] != ppl[1]
+    assert (tmp_path / "train" / "checkpoint.pt").is_file()
