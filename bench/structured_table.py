@@ -84,8 +84,8 @@ def rows(key: str, res: dict) -> list[tuple[str, dict, float, float]]:
     main = res["allocation"]["search"]
     return [(LABELS[kind], model, res["search"].get("seconds", 0) if kind == main else
              res["timings"].get(f"reference_{kind}", 0), whole)
-            for kind, model in sorted(res["models"].items(), key=lambda km: list(LABELS).index(km[0]))
-            if kind != "dense"]
+            for kind, model in sorted(((k, m) for k, m in res["models"].items() if k != "dense"),
+                                      key=lambda km: list(LABELS).index(km[0]))]
 
 
 def table(target: float, results: dict[str, dict]) -> str:
