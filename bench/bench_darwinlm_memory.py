@@ -45,7 +45,9 @@ def main():
         if name not in results:
             results[name] = measure(args, out)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            tmp = RESULTS.with_suffix(".tmp")  # atomic: a killed bench leaves the previous file whole
+            tmp.write_text(json.dumps(results, indent=1) + "\n")
+            tmp.replace(RESULTS)
         print(f"{name}: peak RSS {results[name]['peak_rss_mib']:.0f} MiB, {results[name]['wall_s']:.0f} s", flush=True)
     a, b = results["darwinlm_cpu_lambda4"], results["darwinlm_cpu_lambda16"]
     print(f"lambda 16 / lambda 4 peak: {b['peak_rss_mib'] / a['peak_rss_mib']:.3f}")

@@ -79,6 +79,8 @@ def rows(key: str, res: dict) -> list[tuple[str, dict, float, float]]:
     whole = sum(res["timings"].values())
     if key != "evopress":
         build = (res.get("database") or {}).get("build") or {}  # stored with the database, also when reused
+        if "database" not in res["timings"]:  # built by an earlier, killed process of this run: count it
+            whole += build.get("seconds", 0.0)
         return [(LABELS[key], res["models"]["uniform"], build.get("seconds", 0.0), whole)]
     # the references first, EvoPress last
     main = res["allocation"]["search"]

@@ -204,7 +204,7 @@ def main():
     out = out.resolve()
     if args.disk_task:
         return run_from_disk(args.disk_task, args, out)
-    print(f"| task | documents | metric | in memory (evoexp) | from disk (HFLM) | equal | time in memory | "
+    print("| task | documents | metric | in memory (evoexp) | from disk (HFLM) | equal | time in memory | "
           f"time from disk |\n|---|---|---|---|---|---|---|---|", flush=True)
     totals = [0.0, 0.0]
     for task in args.tasks:

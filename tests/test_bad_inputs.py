@@ -210,10 +210,9 @@ CASES = [
     # --- train= (post-compression training) ----------------------------------------------------------------------
     ([*QUANT, "train=finetune"], {}, "train: a method=quant model holds integer codes, which evoexp does not train; "
                                      "use train=none"),
-    ([*DROP, "train=distill"], {}, "train: post-compression training is implemented for method=sparse and "
-                                   "method=structured, not method=drop (use train=none)"),
-    ([*STRUCT, "train=distill", "export=auto"], {}, "export: the exported model would be the one-shot one; with "
-                                                    "train= set export=none"),
+    ([*DENSE, "train=distill"], {}, "train: post-compression training is for a compressed model (method=sparse, "
+                                    "structured or drop), not method=dense (use train=none)"),
+    ([*DROP, "train=distill", "train.batch=0"], {}, "train.batch: expected >= 1, got 0"),
     ([*STRUCT, "train=finetune", "train.lr=0"], {}, "train.lr: expected > 0, got 0"),
     ([*SPARSE, "train=finetune", "train.tokens=0"], {}, "train.tokens: expected >= 1, got 0"),
     ([*STRUCT, "train=distill", "train.warmup=1.5"], {}, "train.warmup: expected a fraction of the steps in [0, 1), "
@@ -381,7 +380,8 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
                  ["method=structured", "method.budget=params", "method.kv_groups=true", "solver=wanda_sp"],
                  ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"],
                  DARWIN, ["method=structured", "search=darwinlm"], [*DARWIN, "train=distill"],
-                 [*SPARSE, "train=finetune"]):
+                 [*SPARSE, "train=finetune"], [*DROP, "train=distill", "export=auto"],
+                 [*STRUCT, "train=distill", "export=auto"]):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)

@@ -16,6 +16,8 @@ TINY = ["model=tiny", "logger=none", "data=wikitext2", "data.calib_windows=4", "
 ZEROSHOT = ["eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=2"]
 SEARCH = ["search.generations=1", "search.offspring=2", "search.init_candidates=2", "search.init_tokens=128",
           "search.stages=[{survivors:1,tokens:256}]"]
+DARWIN = [*SEARCH[:-1], "search.stages=[{survivors:1,tokens:256,train_tokens:128}]", "search.train_windows=4"]
+TRAIN = ["train.tokens=512", "train.batch=2"]
 
 
 def test_every_experiment_is_listed():
@@ -29,9 +31,11 @@ def test_experiment_composes_and_runs_one_generation_on_tiny(name, compose, tmp_
 
     monkeypatch.setenv("EVOEXP_CACHE", str(tmp_path / "cache"))
     base = compose([f"experiment={name}"])
-    evopress = base.search.kind == "evopress"
+    evopress = base.search.kind in ("evopress", "darwinlm")
+    search = {"evopress": SEARCH, "darwinlm": DARWIN}.get(base.search.kind, [])
     zeroshot = bool(base.eval.zeroshot.tasks)
-    cfg = compose([f"experiment={name}", *TINY, *(SEARCH if evopress else []), *(ZEROSHOT if zeroshot else [])])
+    train = TRAIN if base.train.kind != "none" else []
+    cfg = compose([f"experiment={name}", *TINY, *search, *(ZEROSHOT if zeroshot else []), *train])
     cfg = _without_hydra(cfg)
     run_job(cfg, tmp_path / "run")
     result = read_json(tmp_path / "run" / "result.json")
@@ -43,6 +47,8 @@ def test_experiment_composes_and_runs_one_generation_on_tiny(name, compose, tmp_
         assert set(refs) <= set(result["models"]), f"{name}: references {refs} not all evaluated"
     if zeroshot:  # the experiment asked for zero-shot accuracy: it was computed
         assert "piqa" in result["metrics"]["zeroshot"]["tasks"]
+    if train:  # and post-training: the found model trained and evaluated again
+        assert f"{result['found']}_trained" in result["models"]
 
 
 def _without_hydra(cfg):
@@ -64,6 +70,22 @@ def test_paper_rows_use_the_paper_schedules(compose):
     assert frac.data.seq_len == 4096 and frac.data.calib_windows == 128
     assert frac.search.reference_settings.random.candidates == 32
     assert frac.hydra.sweeper.params["method.target"] == "2.25,2.5"
+
+
+def test_darwinlm_rows_use_the_papers_targets_and_schedule(compose):
+    llama2 = compose(["experiment=paper_darwinlm_llama2_7b"])
+    assert (llama2.model.name, llama2.method.target, llama2.search.kind, llama2.search.generations) == \
+        ("llama2_7b", 0.62, "darwinlm", 200)
+    assert [s.train_tokens for s in llama2.search.stages] == [10000, 50000, 100000, 200000]
+    assert llama2.database.windows * llama2.database.seq_len == 2**23 and llama2.export.kind == "auto"
+    assert compose(["experiment=paper_darwinlm_llama31_8b"]).database.windows == 2**24 // 8192
+    table = compose(["experiment=cpu_structured_table"])
+    assert table.hydra.sweeper.params["search"] == "darwinlm_cpu,evopress_darwinlm_cpu,uniform"
+    # the ablation is DarwinLM's schedule without the training
+    darwin, plain = (compose(["experiment=cpu_structured_table", f"search={s}"]).search
+                     for s in ("darwinlm_cpu", "evopress_darwinlm_cpu"))
+    assert (plain.kind, plain.generations, plain.offspring) == ("evopress", darwin.generations, darwin.offspring)
+    assert [(s.survivors, s.tokens) for s in plain.stages] == [(s.survivors, s.tokens) for s in darwin.stages]
 
 
 def test_launcher_profiles_compose(compose):
@@ -152,6 +174,16 @@ def test_table_splits_rows_by_config_and_averages_seeds(tmp_path, capsys):
     assert "| evopress (fitness.kind=kl) | **13.00 ± 1.41** | 61.0 ± 1.4 |" in md
     assert "| evopress (fitness.kind=ppl) | **13.00** | – |" in md  # ties are all bold
     assert "0-shot avg: mean of piqa acc" in md
+
+
+def test_table_lists_each_trained_model_after_its_one_shot_one():
+    from evoexp.report.table import row_order
+
+    found = ["dense", "darwinlm", "darwinlm_trained", "uniform_trained", "evopress", "uniform", "evopress_trained",
+             "random (x=1)"]
+    assert sorted(found, key=lambda r: row_order(r, found)) == [
+        "dense", "uniform", "uniform_trained", "random (x=1)", "evopress", "evopress_trained", "darwinlm",
+        "darwinlm_trained"]
 
 
 def test_table_reports_an_empty_dir_in_one_line(tmp_path, capsys):

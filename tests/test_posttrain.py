@@ -98,3 +98,31 @@ def test_a_sparse_run_trains_its_found_model_and_keeps_its_zeros(tmp_path):
     ppl = [models[m]["ppl"]["wikitext2:test"]["float32"]["ppl"] for m in ("uniform", "uniform_trained")]
     assert ppl[0] != ppl[1]
     assert (tmp_path / "train" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize("method", [
+    ["method=structured", "method.target=0.3", "search=uniform", "database.windows=8"],
+    ["method=drop", "method.target=0.25", "search=shortgpt"],
+], ids=["structured", "drop"])
+def test_the_trained_model_is_what_gets_exported(method, tmp_path):
+    """With train= and export=auto the checkpoint holds the trained model: loaded back (shrunk / without the dropped
+    blocks) it gives the trained model's held-out PPL, not the one-shot one's."""
+    from evoexp.utils import read_json
+    from tests.conftest import run_cli
+
+    env = {"EVOEXP_CACHE": str(tmp_path / "cache"), "EVOEXP_OUT": str(tmp_path / "runs")}
+    run = tmp_path / "run"
+    out = run_cli("model=tiny", "logger=none", *method, "eval.windows=2", "train=finetune", "train.tokens=2048",
+                  "train.lr=1e-3", "export=auto", f"hydra.run.dir={run}", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = read_json(run / "result.json")
+    kind = result["found"]
+    ppl = {m: result["models"][m]["ppl"]["wikitext2:test"]["float32"]["ppl"] for m in (kind, f"{kind}_trained")}
+    assert ppl[kind] != pytest.approx(ppl[f"{kind}_trained"], rel=1e-3)
+    back = run_cli(f"model={run / 'model'}", "model.seq_len=256", "method=dense", "search=none", "eval.windows=2",
+                   "logger=none", env=env)
+    assert back.returncode == 0, back.stderr[-3000:]
+    exported = read_json(next((tmp_path / "runs").rglob("result.json")))["metrics"]["ppl"]["wikitext2:test"]
+    assert exported["float32"]["ppl"] == pytest.approx(ppl[f"{kind}_trained"], rel=1e-4)
+    if "structured" in method[0]:
+        assert "post-training | `finetune`, 2,048 tokens" in (run / "model" / "README.md").read_text()

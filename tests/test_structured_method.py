@@ -202,3 +202,26 @@ def test_export_is_a_smaller_checkpoint_with_the_masked_logits(tmp_path, tiny, a
     assert (got - masked_logits(tmp_path, tiny, x)).abs().max().item() < 1e-5
     if "method.kv_groups=true" in args:  # whole KV groups: a block keeps 0, 2 or 4 query heads
         assert set(achieved["heads_kept"]) <= {0, 2, 4} and achieved["unit_params"] == achieved["budget_params"]
+
+
+def test_without_gqa_a_head_step_counts_its_kv_head():
+    """One query head per K/V head (MHA, like Llama-2): a removed head always takes its K/V head along, so its step
+    counts q, k, v rows and o_proj columns, and the measured removal equals the budget exactly."""
+    from evoexp.models.adapter import DecoderAdapter
+    from tests.test_structured_models import tiny as random_decoder
+
+    adapter = DecoderAdapter(random_decoder(heads=4, kv=4, layers=2))
+    method = StructuredMethodCfg(target=0.5, mlp_step=8)
+    units = structured_units(geometry(adapter), method)
+    g = geometry(adapter)[0]
+    assert units[0].step_params == g.head_params + g.kv_head_params == 4 * 8 * 32
+    budget = structured_budget(units, method)
+    assert budget.steps == (4, 5)  # half of 2 x 4 heads; 0.5 x 2 x 3,840 MLP parameters in steps of 8 x 96
+    with torch.no_grad():  # heads 0, 2 of block 0 and 1, 3 of block 1; 24 + 16 neurons
+        for block, heads, neurons in ((0, (0, 2), range(0, 24)), (1, (1, 3), range(10, 26))):
+            b = adapter.blocks[block]
+            for h in heads:
+                b.self_attn.o_proj.weight[:, h * 8:(h + 1) * 8] = 0
+            b.mlp.down_proj.weight[:, list(neurons)] = 0
+    a = measure_structured(adapter)
+    assert a["unit_params"] == budget.params == a["removed_params"] == 4 * 1024 + 5 * 8 * 96

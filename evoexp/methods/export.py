@@ -277,6 +277,10 @@ def model_card(facts: CardFacts, allocation: dict, found: dict, fmt: str) -> str
     if "fitness" in found:
         lines.append(f"| {found['fitness_kind']} fitness | {found['fitness']:.5f} on {found['fitness_tokens']} "
                      "calibration tokens |")
+    if "train" in found:  # exported after post-compression training: the figures below are the trained model's
+        t = found["train"]
+        lines.append(f"| post-training | `{t['kind']}`, {t['tokens']:,} tokens, lr {t['lr']:g}, {t['schedule']}, "
+                     f"seed {t['seed']} |")
     for spec, entry in found.get("ppl", {}).items():
         for dtype, fig in entry.items():
             if dtype != "protocol":

@@ -7,7 +7,7 @@ equal steps. Zeroing those columns is exactly the removal: a removed head's q ro
 then no longer reach the output, so the model computes what the physically shrunk one does.
 
 The budget is in parameters. A level step removes `step_params`: per head its q rows (and q bias) and o_proj
-columns, per neuron its gate and up rows (and biases) and down_proj column, per KV group its query heads plus
+columns (without GQA its own k and v rows too, which always go with it), per neuron its gate and up rows (and biases) and down_proj column, per KV group its query heads plus
 its k and v rows. `method.target` is a fraction of the decoder blocks' parameters (every parameter of their
 attention and MLP sub-blocks, norms included; embeddings and the head excluded). `budget=group` (DarwinLM):
 attention and MLP each remove the whole number of steps nearest to target × their own parameters, and switches
@@ -64,9 +64,10 @@ def mlp_step_of(method, width: int) -> int:
 
 
 def attention_groups(g: BlockGeometry, kv_groups: bool) -> tuple[int, int, int]:
-    """(input columns per group, groups, parameters per group) of a block's o_proj."""
+    """(input columns per group, groups, parameters per group) of a block's o_proj. Without GQA (one query head
+    per K/V head) a removed query head always takes its K/V head along, so its step counts both."""
     if not kv_groups:
-        return g.head_dim, g.num_q_heads, g.head_params
+        return g.head_dim, g.num_q_heads, g.head_params + (0 if g.is_gqa else g.kv_head_params)
     per = g.num_q_heads // g.num_kv_heads
     if g.num_q_heads % g.num_kv_heads or g.kv_of_q != tuple(h // per for h in range(g.num_q_heads)):
         raise UserError(f"method.kv_groups: block {g.block} has uneven KV groups (a shrunk model); set "
@@ -238,7 +239,7 @@ def measure_structured(adapter: DecoderAdapter, kv_groups: bool = False) -> dict
     units = 0
     for g, b in zip(geoms, state.blocks):
         units += (g.num_q_heads - len(b.heads)) * g.head_params + (g.mlp_width - len(b.neurons)) * g.neuron_params
-        if kv_groups:
+        if kv_groups or not g.is_gqa:  # a KV group's, or (no GQA) a query head's own K/V head
             units += (g.num_kv_heads - len(b.kept_kv(g))) * g.kv_head_params
     blocks = sum(p.numel() for block in adapter.blocks for p in block.parameters())
     removed = removed_params(geoms, state)

@@ -40,12 +40,9 @@ def check_train(rc: RunCfg) -> None:
     if method == "quant":
         raise UserError("train: a method=quant model holds integer codes, which evoexp does not train; use "
                         "train=none")
-    if method not in ("sparse", "structured"):
-        raise UserError(f"train: post-compression training is implemented for method=sparse and "
-                        f"method=structured, not method={method} (use train=none)")
-    if rc.export.kind != "none" or getattr(rc.method, "export", False):
-        raise UserError("export: the exported model would be the one-shot one; with train= set export=none (the "
-                        "trained model is evaluated, not yet exported)")
+    if method not in ("sparse", "structured", "drop"):
+        raise UserError(f"train: post-compression training is for a compressed model (method=sparse, structured "
+                        f"or drop), not method={method} (use train=none)")
     check_positive(t.tokens, "train.tokens")
     check_above(t.lr, "train.lr", 0)
     check_positive(t.batch, "train.batch")

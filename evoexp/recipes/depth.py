@@ -11,12 +11,13 @@ from evoexp.errors import UserError
 from evoexp.fitness import Teacher, minibatch
 from evoexp.methods.depth import (SCORE_BASELINES, DepthSpace, brute_force, check_depth_method, depth_space,
                                   random_best, score_baseline)
-from evoexp.methods.drop import DropApplier, export_dropped
+from evoexp.methods.drop import DropApplier, DropConfig, export_dropped
 from evoexp.models.peek import peek_blocks
 from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
                                    rng_for, run_evopress)
 from evoexp.recipes.checks import check_calibration, check_search, evopress_tokens
 from evoexp.recipes.contract import RecipeContext, RecipeResult
+from evoexp.recipes.posttrain import FoundModel, post_train
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.utils import write_json
 
@@ -75,10 +76,22 @@ class DepthPruningRecipe:
         self.applier.restore()
         allocation = self.allocation(ds, state, search_info)
         write_json(ctx.out_dir / "allocation.json", allocation)
-        if rc.method.export or rc.export.kind != "none":
-            with ctx.timed("export"):
-                export_dropped(ctx.loaded.model, ctx.loaded.tokenizer, ds.to_config(state), ctx.out_dir / "model")
+        found = ds.to_config(state)
+        export = (lambda _entry=None: self.export(found)) if rc.method.export or rc.export.kind != "none" else None
+        if rc.train.kind != "none":  # the found model trained, evaluated again and exported trained
+            found_model = FoundModel(lambda: self.applier.apply(found), self.applier.restore, lambda: {},
+                                     lines(state), lambda: {"lines": lines(state)})
+            models[f"{rc.search.kind}_trained"] = post_train(ctx, runner, f"{rc.search.kind}_trained", found_model,
+                                                             while_trained=export)
+        elif export is not None:
+            export()
         return RecipeResult(rc.search.kind, models, allocation, search_info, {"calibration": proto.as_dict()})
+
+    def export(self, cfg: DropConfig) -> None:
+        """The model without the dropped blocks, with the weights the kept ones hold now (trained or dense)."""
+        with self.ctx.timed("export"):
+            self.applier.restore()  # export_dropped copies the undropped model and removes blocks itself
+            export_dropped(self.ctx.loaded.model, self.ctx.loaded.tokenizer, cfg, self.ctx.out_dir / "model")
 
     def evaluator(self, ds: DepthSpace, runner: BlockRunner, teacher: Teacher, **options) -> CandidateEvaluator:
         """Scores drop states; one-off scorings are kept in the run dir, keyed by what a state means."""

@@ -26,8 +26,9 @@ from evoexp.models.adapter import LinearInfo
 from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
                                    rng_for, run_evopress)
 from evoexp.recipes.contract import RecipeContext, RecipeResult
+from evoexp.recipes.darwinlm import PrunedMasks
 from evoexp.recipes.layerwise_checks import check_layerwise, reference_cfg
-from evoexp.recipes.posttrain import post_train
+from evoexp.recipes.posttrain import FoundModel, post_train
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.utils import stable_hash, write_json
 
@@ -97,12 +98,15 @@ class LayerwiseRecipe:
                                  lambda a: None if a is None else [a.db.key, a.levels],
                                  self.alloc_evaluator() if self.teacher is not None else None)
         self.put(None)
-        if rc.train.kind != "none":  # the found model trained in place, evaluated again (recipes/posttrain.py)
-            models[f"{kind}_trained"] = post_train(self, f"{kind}_trained", found)
         allocation = self.describe(found, models[kind].details["achieved"])
         write_json(ctx.out_dir / "allocation.json", allocation)
         ctx.tracker.summary({"achieved": models[kind].details["achieved"]})
-        self.export(found, allocation, models[kind].to_json())
+        if rc.train.kind == "none":
+            self.export(found, allocation, models[kind].to_json())
+        else:  # the found model trained in place, evaluated again and exported trained (recipes/posttrain.py)
+            models[f"{kind}_trained"] = post_train(
+                ctx, self.runner, f"{kind}_trained", self.found_model(found),
+                while_trained=lambda entry: self.export(found, allocation, entry.to_json(), held=True))
         db = found.db
         database = {"key": db.key, "path": str(db.path), "reused": self.dbs.reused[db.key], **db.info()}
         return RecipeResult(kind, models, allocation, found.info, {"database": database})
@@ -266,15 +270,29 @@ class LayerwiseRecipe:
                          rc.search.kind, rc.solver.kind, f"`{rc.data.calib}`, database {rc.database.windows} x "
                          f"{rc.database.seq_len} tokens, seed {rc.data.seed}", rc.seed)
 
-    def export(self, found: Allocation, allocation: dict, entry: dict) -> None:
+    def export(self, found: Allocation, allocation: dict, entry: dict, held: bool = False) -> None:
+        """Write the found model (`held`: the one the model holds now, trained; else from the database)."""
         loaded, fmt = self.ctx.loaded, self.export_format()
         if fmt == "none":
             return
         with self.ctx.timed("export"):
-            self.put(found)
+            if not held:
+                self.put(found)
             try:
                 export_allocation(loaded.model, loaded.tokenizer, found, allocation,
                                   model_card(self.card_facts(), allocation, entry, fmt), fmt,
                                   self.ctx.out_dir / "model")
             finally:
-                self.put(None)
+                if not held:
+                    self.put(None)
+
+    def found_model(self, alloc: Allocation) -> FoundModel:
+        """The allocation as post-training takes it: structured layers keep their kept columns, sparse layers
+        their non-zeros."""
+        def masks() -> dict:
+            if self.rc.method.kind == "structured":
+                return PrunedMasks(self.adapter, alloc.db, self.level_space()).of_levels(alloc.levels)
+            return {w: w != 0 for w in (self.adapter.module(name).weight for name in alloc.levels)}
+
+        return FoundModel(lambda: self.put(alloc), lambda: self.put(None), masks, [alloc.db.key, alloc.levels],
+                          lambda: self.details(alloc))

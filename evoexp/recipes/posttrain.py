@@ -1,14 +1,21 @@
-"""`train=finetune|distill` for the per-layer recipes: the found model trained in place after its one-shot
-evaluation, evaluated again as `<search>_trained`, then the dense weights put back.
+"""`train=finetune|distill`: the found model trained in place after its one-shot evaluation, evaluated again as
+`<search>_trained`, optionally exported while trained, then the dense weights put back.
+
+A recipe describes its found model as a `FoundModel` (how to put it and the dense model in place, which entries
+stay pruned, what identifies it); `post_train` does the rest the same way for every method:
+
+    entry = post_train(ctx, runner, "evopress_trained", found, while_trained=export)
 
 Pruned entries stay pruned: per-level structured layers keep their removed columns at zero (the database's kept
-groups), sparse layers their zeros. The decoder blocks and the final norm train; the embeddings and the head stay
-(distillation reads the teacher's stored hidden states through the head). The training text is `train.windows`
-windows of `train.seq_len` tokens of `data.calib`, drawn with seed `data.seed + 2`.
+groups), sparse layers their zeros; dropped sub-blocks are not in the forward, so they get no gradient. The decoder
+blocks and the final norm train; the embeddings and the head stay (distillation reads the teacher's stored hidden
+states through the head). The training text is `train.windows` windows of `train.seq_len` tokens of `data.calib`,
+drawn with seed `data.seed + 2`.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -16,12 +23,22 @@ from evoexp.config import TrainCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.eval import evaluate_ppl, evaluate_zeroshot
 from evoexp.eval.zeroshot import zeroshot_wanted
-from evoexp.methods.layerwise import Allocation
-from evoexp.recipes.contract import ModelEval
-from evoexp.recipes.darwinlm import PrunedMasks, trained_parameters
+from evoexp.recipes.contract import ModelEval, RecipeContext
+from evoexp.recipes.darwinlm import trained_parameters
 from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
 
 TRAIN_DATA_SEED = 2  # offset of data.seed for the post-training windows
+
+
+@dataclass
+class FoundModel:
+    """What post-training needs from a recipe about the model it found."""
+
+    put: Callable[[], None]  # the found (compressed) model in place
+    put_dense: Callable[[], None]  # the dense model in place
+    masks: Callable[[], dict]  # {parameter: bool mask of the entries that stay}, read with the found model in place
+    identity: list  # what identifies the found model (keys the evaluation caches)
+    details: Callable[[], dict]  # its result.json details (`achieved`, `lines`, ...), read with it in place
 
 
 def settings(t: TrainCfg, seed: int) -> PostTrainSettings:
@@ -30,61 +47,63 @@ def settings(t: TrainCfg, seed: int) -> PostTrainSettings:
                              checkpoint_every=t.checkpoint_every, seed=seed if t.seed is None else t.seed)
 
 
-def train_windows(recipe, t: TrainCfg) -> torch.Tensor:
-    data, ctx = recipe.rc.data, recipe.ctx
+def train_windows(ctx: RecipeContext, t: TrainCfg) -> torch.Tensor:
+    data, tok = ctx.rc.data, ctx.loaded.tokenizer
     seq = t.seq_len or data.seq_len
     n = t.windows or -(-t.tokens // seq)
-    stream = load_tokens(data.calib, ctx.loaded.tokenizer, data.jsonl_field)
-    return calibration_windows(stream, ctx.loaded.tokenizer, seq, n, data.seed + TRAIN_DATA_SEED, data.bos)[0]
+    stream = load_tokens(data.calib, tok, data.jsonl_field)
+    return calibration_windows(stream, tok, seq, n, data.seed + TRAIN_DATA_SEED, data.bos)[0]
 
 
-def masks_of(recipe, alloc: Allocation) -> dict:
-    """What stays of each compressed layer: structured, its kept columns; sparse, its non-zeros (the model holds
-    `alloc`)."""
-    if recipe.rc.method.kind == "structured":
-        return PrunedMasks(recipe.adapter, alloc.db, recipe.level_space()).of_levels(alloc.levels)
-    return {recipe.adapter.module(name).weight: recipe.adapter.module(name).weight != 0 for name in alloc.levels}
-
-
-def post_train(recipe, name: str, alloc: Allocation) -> ModelEval:
-    """Train the model holding `alloc`, evaluate it (held-out PPL, zero-shot as for the found model), and put the
-    trained parameters back as they were. Resumable: training from its checkpoint, evaluations from the run dir."""
-    ctx, t = recipe.ctx, recipe.rc.train
-    s = settings(t, recipe.rc.seed)
-    windows = train_windows(recipe, t)
-    runner = recipe.runner
+def post_train(ctx: RecipeContext, runner, name: str, found: FoundModel,
+               while_trained: Callable[[ModelEval], None] | None = None) -> ModelEval:
+    """Train the found model, evaluate it (held-out PPL, zero-shot as for the found model), call `while_trained`
+    with its entry while the trained model is in place (an export), then put the trained parameters back as they
+    were and the dense model in place. Resumable: training from its checkpoint, evaluations from the run dir."""
+    rc, adapter = ctx.rc, ctx.loaded.adapter
+    t = rc.train
+    s = settings(t, rc.seed)
+    windows = train_windows(ctx, t)
 
     def hidden(ids: torch.Tensor) -> torch.Tensor:
-        return runner.final(runner.run(runner.embed(ids.to(recipe.adapter.embed.weight.device)), 0))
+        return runner.final(runner.run(runner.embed(ids.to(adapter.embed.weight.device)), 0))
 
     teacher = None
     if t.kind == "distill":
-        recipe.put(None)
+        found.put_dense()
         with ctx.timed("train_teacher"):
             teacher = teacher_states(hidden, windows)
-    recipe.put(alloc)
-    params = trained_parameters(recipe.adapter)
+    found.put()
+    details = found.details()  # measured on the one-shot weights: training keeps what is pruned pruned
+    params = trained_parameters(adapter)
     saved = [p.detach().clone() for p in params]
-    trainer = PostTrainer(recipe.adapter.model, params, windows, s, masks_of(recipe, alloc), ctx.out_dir / "train",
-                          hidden_of=hidden, head=recipe.adapter.lm_head, teacher_hidden=teacher,
+    trainer = PostTrainer(adapter.model, params, windows, s, found.masks(), ctx.out_dir / "train",
+                          hidden_of=hidden, head=adapter.lm_head, teacher_hidden=teacher,
                           log_fn=lambda r: ctx.tracker.log({"train": r}))
-    with ctx.timed("train"):
-        record = trainer.run()
-    sid = ["trained", alloc.db.key, alloc.levels, asdict(s), list(windows.shape)]
-    entry = ModelEval(details={**recipe.details(alloc), "train": {**asdict(s), "steps": record["steps"],
-                                                                  "tokens": record["tokens"],
-                                                                  "final_loss": record["history"][-1]["loss"]}})
-    rc = recipe.rc
+    try:
+        with ctx.timed("train"):
+            record = trainer.run()
+        entry = ModelEval(details={**details, "train": {**asdict(s), "steps": record["steps"],
+                                                              "tokens": record["tokens"],
+                                                              "final_loss": record["history"][-1]["loss"]}})
+        evaluate_trained(ctx, name, entry, ["trained", *found.identity, asdict(s), list(windows.shape)])
+        if while_trained is not None:
+            while_trained(entry)
+    finally:
+        with torch.no_grad():  # the trained parameters back; the appliers re-install what they wrote
+            for p, v in zip(params, saved):
+                p.copy_(v)
+        found.put_dense()
+    return entry
+
+
+def evaluate_trained(ctx: RecipeContext, name: str, entry: ModelEval, state_id: list) -> None:
+    rc = ctx.rc
     if rc.eval.ppl and rc.eval.datasets:
         with ctx.timed(f"eval_ppl_{name}"):
             entry.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=False, run_dir=ctx.out_dir,
-                                     state_id=sid)
+                                     state_id=state_id)
     if zeroshot_wanted(rc.eval.zeroshot, rc.search.kind, rc.search.kind):  # as the found model's
         with ctx.timed(f"eval_zeroshot_{name}"):
             entry.zeroshot = evaluate_zeroshot(ctx.loaded, rc.eval.zeroshot, rc.dtype.value, dense=False,
-                                               run_dir=ctx.out_dir, state=name, state_id=sid)
-    with torch.no_grad():  # the trained parameters back; the applier re-installs its written layers
-        for p, v in zip(params, saved):
-            p.copy_(v)
-    recipe.put(None)
-    return entry
+                                               run_dir=ctx.out_dir, state=name, state_id=state_id)

@@ -61,11 +61,14 @@ class StructuredRecipe(LayerwiseRecipe):
             out["achieved"]["budget_params"] = structured_budget(self.layers, self.rc.method).params
         return out
 
-    def export(self, found: Allocation, allocation: dict, entry: dict) -> None:
+    def export(self, found: Allocation, allocation: dict, entry: dict, held: bool = False) -> None:
+        """The shrunk model: kept columns from the database, or (`held`: trained) from the model as it is."""
         loaded = self.ctx.loaded
         if self.export_format() == "none":
             return
         with self.ctx.timed("export"):
-            self.put(None)
+            if not held:
+                self.put(None)
             export_structured(loaded.model, loaded.tokenizer, found, allocation,
-                              model_card(self.card_facts(), allocation, entry, "hf"), self.ctx.out_dir / "model")
+                              model_card(self.card_facts(), allocation, entry, "hf"), self.ctx.out_dir / "model",
+                              from_model=held)

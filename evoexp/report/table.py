@@ -22,7 +22,8 @@ from evoexp.utils import atomic_path
 
 SHORT_SPEC = {"wikitext2:test": "Wiki2", "c4:validation": "C4", "fineweb_edu:eval": "FW", "c4_sample:eval": "C4s",
               "wiki_sample:eval": "Wikis", "tinystories:eval": "TS"}
-LAST_ROWS = ("evopress",)  # the paper puts its own method last
+LAST_ROWS = ("evopress", "darwinlm")  # the papers put their own method last
+TRAINED = "_trained"  # a model after post-compression training (train=): listed right after its one-shot row
 
 
 @dataclass(frozen=True)
@@ -123,12 +124,21 @@ def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bo
             table.seeds[(row, t)].add(seed)
     for table in tables.values():
         table.targets.sort()
-        last = [r for r in table.rows if r.split(" (")[0] in LAST_ROWS]
-        table.rows = (["dense"] if "dense" in table.rows else []) + \
-            [r for r in table.rows if r != "dense" and r not in last] + last
+        table.rows = sorted(table.rows, key=lambda r: row_order(r, table.rows))
         if not table.targets:  # dense-only results: one column block without a target
             table.targets = [None]
     return sorted(tables.values(), key=lambda t: (t.model, t.method))
+
+
+def row_order(row: str, rows: list[str]) -> tuple:
+    """dense first, the papers' own methods last (in LAST_ROWS order), each trained model after its one-shot one,
+    otherwise in the order found."""
+    name, _, suffix = row.partition(" (")
+    base = name.removesuffix(TRAINED)
+    one_shot = base + (f" ({suffix}" if suffix else "")
+    first = rows.index(one_shot) if one_shot in rows else rows.index(row)
+    rank = 0 if name == "dense" else 2 + LAST_ROWS.index(base) if base in LAST_ROWS else 1
+    return rank, first, name != base
 
 
 # --- rendering -------------------------------------------------------------------------------------------------------
