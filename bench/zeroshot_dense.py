@@ -205,7 +205,7 @@ def main():
     if args.disk_task:
         return run_from_disk(args.disk_task, args, out)
     print("| task | documents | metric | in memory (evoexp) | from disk (HFLM) | equal | time in memory | "
-          f"time from disk |\n|---|---|---|---|---|---|---|---|", flush=True)
+          "time from disk |\n|---|---|---|---|---|---|---|---|", flush=True)
     totals = [0.0, 0.0]
     for task in args.tasks:
         mem, disk = both_sides(task, args, out)
