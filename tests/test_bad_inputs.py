@@ -34,6 +34,7 @@ QUANT_EVO = ["method=quant", "search=evopress_quant_cpu", "eval.windows=2"]
 STRUCT = ["method=structured", "search=uniform", "eval.windows=2"]
 STRUCT_EVO = ["method=structured", "search=evopress_sparse_cpu", "eval.windows=2"]
 DARWIN = ["method=structured", "search=darwinlm_cpu", "eval.windows=2"]
+BONSAI = ["method=structured", "search=bonsai_cpu", "eval.windows=2"]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 as_root = pytest.mark.skipif(IS_ROOT, reason="root ignores file permissions")
 
@@ -220,6 +221,19 @@ CASES = [
     ([*STRUCT, "train=finetune", "train.schedule=step"], {}, "train.schedule: expected one of cosine, linear, "
                                                              "constant, got 'step'"),
     ([*STRUCT, "train.kind=lora"], {}, "train: expected one of none, finetune, distill, got 'lora'"),
+    # --- search=bonsai -------------------------------------------------------------------------------------------
+    ([*BONSAI, "search.prune_frac=0.5"], {}, "search.prune_frac: expected a fraction in (0, 0.5) (each round's "
+                                              "candidates are 2 x prune_frac), got 0.5"),
+    ([*BONSAI, "search.prune_frac=0"], {}, "search.prune_frac: expected a fraction in (0, 0.5)"),
+    ([*BONSAI, "search.sub_models=4"], {}, "search.sub_models: expected >= search.folds = 5 (each fold needs a "
+                                           "held-out sub-model), got 4"),
+    ([*BONSAI, "search.prior=fisher"], {}, "search.prior: expected one of wanda_sp, magnitude, random, got 'fisher'"),
+    (["method=sparse", "search=bonsai_cpu", "eval.windows=2"], {},
+     "search: bonsai removes heads and neurons; it needs method=structured, not method=sparse"),
+    (["method=drop", "search=bonsai_cpu", "eval.windows=2"], {}, "search: 'bonsai' does not apply to method=drop"),
+    ([*BONSAI, "method.budget=params"], {}, "method.budget: search=bonsai removes p of the heads and p of the "
+                                            "neurons each round"),
+    ([*BONSAI, "export=gptq"], {}, "export: gptq packs quantized weights and cannot hold a shrunk model"),
     # --- the environment ----------------------------------------------------------------------------------------
     ([*DENSE], {"EVOEXP_CACHE": "{tmp}/file/cache"},
      "EVOEXP_CACHE: expected a writable directory, got {tmp}/file/cache ({tmp}/file is a file)"),
@@ -381,7 +395,8 @@ def test_run_cfg_of_a_good_config_passes_every_check(compose):
                  ["method=structured", "solver=magnitude", "method.mlp_step=32", "export=auto"],
                  DARWIN, ["method=structured", "search=darwinlm"], [*DARWIN, "train=distill"],
                  [*SPARSE, "train=finetune"], [*DROP, "train=distill", "export=auto"],
-                 [*STRUCT, "train=distill", "export=auto"]):
+                 [*STRUCT, "train=distill", "export=auto"], BONSAI,
+                 [*BONSAI, "search.perturb=false", "train=distill", "export=auto"]):
         rc = run_cfg(compose([*BASE, *args]))
         check_run(rc)
         recipe_for(rc.method.kind).validate(rc)

@@ -16,17 +16,19 @@ from evoexp.config.methods import (DenseMethodCfg, DropMethodCfg, MethodCfg, Qua
                                    StructuredMethodCfg)
 from evoexp.config.run import (DatabaseCfg, DataCfg, Device, DType, EvalCfg, ExportCfg, FitnessCfg, LoggerCfg,
                                ModelCfg, RunCfg, TinyModelCfg, TrainCfg, ZeroShotCfg)
-from evoexp.config.searches import (BruteSearchCfg, DarwinLMCfg, DPSearchCfg, EvoPressCfg, NoSearchCfg, OwlSearchCfg,
-                                    RandomSearchCfg, ScoreSearchCfg, StageCfg, TrainStageCfg, UniformSearchCfg)
+from evoexp.config.searches import (BonsaiCfg, BruteSearchCfg, DarwinLMCfg, DPSearchCfg, EvoPressCfg, NoSearchCfg,
+                                    OwlSearchCfg, RandomSearchCfg, ScoreSearchCfg, StageCfg, TrainStageCfg,
+                                    UniformSearchCfg)
 from evoexp.config.solvers import (FistaCfg, GPTQCfg, MagnitudeCfg, RandomCfg, RTNCfg, SparseGPTCfg, WandaCfg,
                                    WandaSPCfg, ZipLMCfg)
 
-__all__ = ["BruteSearchCfg", "DarwinLMCfg", "DPSearchCfg", "DatabaseCfg", "DataCfg", "DenseMethodCfg", "Device", "DType",
-           "DropMethodCfg", "EvalCfg", "EvoPressCfg", "ExportCfg", "FistaCfg", "FitnessCfg", "GPTQCfg", "LoggerCfg",
-           "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg", "OPTION_SCHEMAS", "OwlSearchCfg", "QuantMethodCfg",
-           "RTNCfg", "RandomCfg", "RandomSearchCfg", "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg",
-           "StageCfg", "StructuredMethodCfg", "TinyModelCfg", "TrainCfg", "TrainStageCfg", "UniformSearchCfg", "WandaCfg", "WandaSPCfg",
-           "ZeroShotCfg", "ZipLMCfg", "method_schemas", "register_configs"]
+__all__ = ["BonsaiCfg", "BruteSearchCfg", "DarwinLMCfg", "DPSearchCfg", "DatabaseCfg", "DataCfg", "DenseMethodCfg",
+           "Device", "DType", "DropMethodCfg", "EvalCfg", "EvoPressCfg", "ExportCfg", "FistaCfg",
+           "FitnessCfg", "GPTQCfg", "LoggerCfg", "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg",
+           "OPTION_SCHEMAS", "OwlSearchCfg", "QuantMethodCfg", "RTNCfg", "RandomCfg", "RandomSearchCfg",
+           "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg", "StageCfg",
+           "StructuredMethodCfg", "TinyModelCfg", "TrainCfg", "TrainStageCfg", "UniformSearchCfg",
+           "WandaCfg", "WandaSPCfg", "ZeroShotCfg", "ZipLMCfg", "method_schemas", "register_configs"]
 
 # Group options with their own fields get their own schema; the rest share RunCfg's types. Methods are not
 # listed: every MethodCfg subclass is its own `method/<kind>` schema (see method_schemas).
@@ -44,6 +46,7 @@ OPTION_SCHEMAS = {
     "search/none": NoSearchCfg,
     "search/evopress": EvoPressCfg,
     "search/darwinlm": DarwinLMCfg,
+    "search/bonsai": BonsaiCfg,
     "search/random": RandomSearchCfg,
     "search/brute": BruteSearchCfg,
     "search/owl": OwlSearchCfg,

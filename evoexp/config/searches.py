@@ -84,6 +84,25 @@ class DarwinLMCfg(EvoPressCfg):
 
 
 @dataclass
+class BonsaiCfg:
+    """Bonsai: forward-only structured pruning by perturbative regression (method=structured), in rounds that
+    each remove `prune_frac` of the original heads and neurons; see evoexp/search/bonsai.py."""
+
+    kind: str = "bonsai"
+    prune_frac: float = 0.05  # p, in (0, 0.5)
+    sub_models: int = 200  # scored per round, in antithetic pairs (the authors' masks_per_iter)
+    folds: int = 5  # k-fold choice of the L1 strength by Kendall tau
+    prior: str = "wanda_sp"  # wanda_sp | magnitude | random
+    perturb: bool = True  # false: prior-only (each round removes the lowest-prior units)
+    alphas: List[float] = field(default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])  # L1 strengths, as
+    # fractions of the strength that zeroes every coefficient
+    ppl_cap: float = 1.0e8
+    rounds_cap: Optional[int] = None  # stop after this many rounds (null: until the target)
+    batch: int = 4  # calibration windows per forward
+    references: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RandomSearchCfg:
     kind: str = "random"
     candidates: int = 64

@@ -10,7 +10,7 @@ from evoexp.models.peek import peek_context
 from evoexp.recipes.checks import check_calibration, check_context, check_search, check_writable_dir, evopress_tokens
 from evoexp.solvers.registry import check_solver, solver_class
 
-SEARCHES = ("uniform", "evopress", "darwinlm", "random", "dp", "owl")
+SEARCHES = ("uniform", "evopress", "darwinlm", "bonsai", "random", "dp", "owl")
 BASELINES = ("uniform", "random", "dp", "owl")
 EXPORTS = ("none", "auto", *FORMATS)
 REFERENCE_SCHEMAS = {"random": RandomSearchCfg, "dp": DPSearchCfg, "owl": OwlSearchCfg}
@@ -25,6 +25,9 @@ def check_layerwise(rc: RunCfg) -> None:
     if s.kind == "darwinlm" and m.kind != "structured":
         raise UserError(f"search: darwinlm fine-tunes candidates whose heads and neurons are removed; it needs "
                         f"method=structured, not method={m.kind}")
+    if s.kind == "bonsai":  # method=structured takes its own checks (recipes/bonsai.py)
+        raise UserError(f"search: bonsai removes heads and neurons; it needs method=structured, not "
+                        f"method={m.kind}")
     check_solver_settings(rc)
     bad = [r for r in (s.references or []) if r not in BASELINES]
     if bad:

@@ -19,9 +19,11 @@ from evoexp.models.heads import geometry
 from evoexp.models.peek import peek_config
 from evoexp.models.shrink import check_shrinkable
 from evoexp.recipes.contract import RecipeResult
+from evoexp.methods.level_kinds import LEVEL_KINDS
+from evoexp.recipes.bonsai import BonsaiRun, check_bonsai
 from evoexp.recipes.darwinlm import darwinlm_search
 from evoexp.recipes.layerwise import LayerwiseRecipe
-from evoexp.recipes.layerwise_checks import check_layerwise
+from evoexp.recipes.layerwise_checks import EXPORTS, check_layerwise
 
 
 class StructuredRecipe(LayerwiseRecipe):
@@ -29,6 +31,13 @@ class StructuredRecipe(LayerwiseRecipe):
 
     @classmethod
     def validate(cls, rc: RunCfg) -> None:
+        if rc.search.kind == "bonsai":  # no database: its own checks (recipes/bonsai.py)
+            check_bonsai(rc)
+            LEVEL_KINDS["structured"].check(rc.method, ["bonsai"], rc.export.kind)
+            if rc.export.kind not in EXPORTS:
+                raise UserError(f"export: expected none, auto or hf, got {rc.export.kind!r}")
+            check_geometry(rc.method, peek_config(rc.model))
+            return
         check_layerwise(rc)
         if rc.database.propagation == "reference":
             raise UserError("database.propagation: reference propagates a bit-width (method=quant); method="
@@ -46,8 +55,10 @@ class StructuredRecipe(LayerwiseRecipe):
                 "targets": uniform_values(self.layers, m)}
 
     def run(self) -> RecipeResult:
-        if self.export_format() != "none":  # an architecture the shrunk format lacks stops now, not after the search
-            check_shrinkable(self.ctx.loaded.model)
+        if self.export_format() != "none" or self.rc.search.kind == "bonsai":  # an architecture the shrunk format
+            check_shrinkable(self.ctx.loaded.model)  # lacks stops now, not after the search (Bonsai shrinks)
+        if self.rc.search.kind == "bonsai":
+            return BonsaiRun(self).run()
         return super().run()
 
     def choose(self, kind: str, cfg) -> Allocation:

@@ -31,6 +31,20 @@ class HessianAccumulator:
         return self.sq_norm.sqrt()
 
 
+class InputNorms:
+    """Σ x_j² per input column and the token count only: what the Wanda-style priors read, without the d x d
+    Hessian (`HessianAccumulator`'s `sq_norm` / `tokens`)."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu"):
+        self.sq_norm = torch.zeros(columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).to(self.sq_norm.device, torch.float32)
+        self.sq_norm += x.square().sum(0)
+        self.tokens += x.shape[0]
+
+
 def prepare(H: torch.Tensor, W: torch.Tensor, damp: float = 0.01, max_tries: int = 6, name: str = ""
             ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Dead columns handled, damping added, upper Cholesky factor U of H⁻¹ returned (with the damp used).
