@@ -1,5 +1,6 @@
 """Peak memory of DarwinLM's training-aware search on the embedded model at 50 %: one generation of
-search=darwinlm_cpu with lambda = 4 and lambda = 16 (same stages), and one plain EvoPress generation for scale.
+search=darwinlm_cpu with lambda = 4 and lambda = 16 (same stages), one plain EvoPress generation for scale, and
+one round of Bonsai (search=bonsai_cpu, forward passes only) against DarwinLM's candidate training.
 
 Each run is its own process, measured by /usr/bin/time (maximum resident set size); the ZipLM database is built
 once beforehand (it is shared with search=evopress_structured_cpu), so the figures are the search's. Without a
@@ -17,12 +18,14 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "darwinlm_memory.json"
-COMMON = ["method=structured", "method.target=0.5", "search.generations=1", "logger=none",
-          "eval.datasets=[wikitext2:test]", "eval.windows=1", "resume=false"]
+COMMON = ["method=structured", "method.target=0.5", "logger=none", "eval.datasets=[wikitext2:test]", "eval.windows=1",
+          "resume=false"]
 RUNS = {
-    "darwinlm_cpu_lambda4": ["search=darwinlm_cpu", "search.offspring=4"],
-    "darwinlm_cpu_lambda16": ["search=darwinlm_cpu", "search.offspring=16"],
-    "evopress_structured_cpu_lambda16": ["search=evopress_structured_cpu", "search.offspring=16"],
+    "darwinlm_cpu_lambda4": ["search=darwinlm_cpu", "search.generations=1", "search.offspring=4"],
+    "darwinlm_cpu_lambda16": ["search=darwinlm_cpu", "search.generations=1", "search.offspring=16"],
+    "evopress_structured_cpu_lambda16": ["search=evopress_structured_cpu", "search.generations=1",
+                                         "search.offspring=16"],
+    "bonsai_cpu_round1": ["search=bonsai_cpu", "search.rounds_cap=1"],
 }
 
 
@@ -51,6 +54,8 @@ def main():
         print(f"{name}: peak RSS {results[name]['peak_rss_mib']:.0f} MiB, {results[name]['wall_s']:.0f} s", flush=True)
     a, b = results["darwinlm_cpu_lambda4"], results["darwinlm_cpu_lambda16"]
     print(f"lambda 16 / lambda 4 peak: {b['peak_rss_mib'] / a['peak_rss_mib']:.3f}")
+    print(f"Bonsai round / DarwinLM lambda 4 generation peak: "
+          f"{results['bonsai_cpu_round1']['peak_rss_mib'] / a['peak_rss_mib']:.3f}")
 
 
 if __name__ == "__main__":

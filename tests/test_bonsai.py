@@ -18,7 +18,7 @@ def windows_64(tiny):
 
 
 SMALL = ["model=tiny", "logger=none", "eval.windows=2", "method=structured", "method.target=0.3", "search=bonsai",
-         "search.sub_models=10", "search.folds=2", "data.calib_windows=4", "data.seq_len=64"]
+         "search.sub_models=10", "search.folds=2", "search.samples=4", "search.seq_len=64"]
 
 
 def synthetic_units(modules=6, per=10) -> Units:
@@ -208,9 +208,11 @@ def test_the_command_line_run_is_exact_and_exports_its_shrunk_model(tmp_path):
     ppl = result["models"]["bonsai"]["ppl"]["wikitext2:test"]["float32"]["ppl"]
     assert exported["float32"]["ppl"] == pytest.approx(ppl, rel=1e-4)
     # prior-only with post-training: the trained model keeps the same heads and neurons
-    prior = run_cli(*SMALL, "search.perturb=false", "search.prior=random", "train=finetune", "train.tokens=1024",
+    prior = run_cli(*SMALL, "search=bonsai_random_cpu", "train=finetune", "train.tokens=1024",
                     f"hydra.run.dir={tmp_path / 'prior'}", env=env)
     assert prior.returncode == 0, prior.stderr[-3000:]
-    models = read_json(tmp_path / "prior" / "result.json")["models"]
-    assert models["bonsai_trained"]["achieved"] == models["bonsai"]["achieved"]
-    assert models["bonsai"]["achieved"]["unit_params"] == a["unit_params"]
+    result = read_json(tmp_path / "prior" / "result.json")
+    models = result["models"]
+    assert result["found"] == "prior_random" and result["search"]["sub_models"] == 0  # nothing scored
+    assert models["prior_random_trained"]["achieved"] == models["prior_random"]["achieved"]
+    assert models["prior_random"]["achieved"]["unit_params"] == a["unit_params"]

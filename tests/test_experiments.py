@@ -80,7 +80,11 @@ def test_darwinlm_rows_use_the_papers_targets_and_schedule(compose):
     assert llama2.database.windows * llama2.database.seq_len == 2**23 and llama2.export.kind == "auto"
     assert compose(["experiment=paper_darwinlm_llama31_8b"]).database.windows == 2**24 // 8192
     table = compose(["experiment=cpu_structured_table"])
-    assert table.hydra.sweeper.params["search"] == "darwinlm_cpu,evopress_darwinlm_cpu,uniform"
+    assert table.hydra.sweeper.params["search"] == \
+        "darwinlm_cpu,evopress_darwinlm_cpu,uniform,bonsai_cpu,bonsai_prior_cpu,bonsai_random_cpu"
+    for search in ("bonsai_cpu", "bonsai_prior_cpu", "bonsai_random_cpu"):  # Bonsai's own calibration, not the table's
+        bonsai = compose(["experiment=cpu_structured_table", f"search={search}"]).search
+        assert (bonsai.kind, bonsai.samples, bonsai.seq_len) == ("bonsai", 8, 512)
     # the ablation is DarwinLM's schedule without the training
     darwin, plain = (compose(["experiment=cpu_structured_table", f"search={s}"]).search
                      for s in ("darwinlm_cpu", "evopress_darwinlm_cpu"))

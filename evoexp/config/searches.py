@@ -98,6 +98,8 @@ class BonsaiCfg:
     # fractions of the strength that zeroes every coefficient
     ppl_cap: float = 1.0e8
     rounds_cap: Optional[int] = None  # stop after this many rounds (null: until the target)
+    samples: int = 32  # calibration sequences every sub-model is scored on (windows of data.calib, seed data.seed)
+    seq_len: Optional[int] = None  # their length; null: data.seq_len
     batch: int = 4  # calibration windows per forward
     references: List[str] = field(default_factory=list)
 

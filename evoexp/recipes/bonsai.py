@@ -55,7 +55,9 @@ def check_bonsai(rc: RunCfg) -> None:
     check_above(s.ppl_cap, "search.ppl_cap", 1)
     check_positive(s.rounds_cap, "search.rounds_cap", null=True)
     check_positive(s.batch, "search.batch")
-    check_positive(rc.data.calib_windows, "data.calib_windows")
+    check_positive(s.samples, "search.samples")
+    if s.seq_len is not None:
+        check_above(s.seq_len, "search.seq_len", 1)
     if m.budget != "group":
         raise UserError("method.budget: search=bonsai removes p of the heads and p of the neurons each round, "
                         "attention and MLP each at the target; set method.budget=group")
@@ -238,6 +240,14 @@ class ShrunkPruning:
         return total / count
 
 
+def found_name(s: BonsaiCfg) -> str:
+    """The found model's name in result.json: `bonsai` (Wanda-sp prior), `bonsai_<prior>` (another prior), or
+    `prior_<prior>` for prior-only pruning, so that the variants are rows of their own in one table."""
+    if not s.perturb:
+        return f"prior_{s.prior}"
+    return "bonsai" if s.prior == "wanda_sp" else f"bonsai_{s.prior}"
+
+
 class BonsaiRun:
     """The workflow of method=structured search=bonsai (called by StructuredRecipe.run)."""
 
@@ -245,6 +255,7 @@ class BonsaiRun:
         self.recipe, self.ctx, self.rc = recipe, recipe.ctx, recipe.rc
         self.adapter = recipe.adapter
         self.applier = StateApplier(self.adapter)
+        self.name = found_name(self.rc.search)
 
     def run(self) -> RecipeResult:
         ctx, rc, s = self.ctx, self.rc, self.rc.search
@@ -255,7 +266,7 @@ class BonsaiRun:
         removed = (budget.steps[0] * steps["attn"], budget.steps[1] * steps["mlp"])
         totals = (sum(g.num_q_heads for g in geoms), sum(g.mlp_width for g in geoms))
         with ctx.timed("calibration"):
-            windows, proto = calibration(ctx, rc.data.seq_len, rc.data.calib_windows)
+            windows, proto = calibration(ctx, s.seq_len or rc.data.seq_len, s.samples)
         pruning = ShrunkPruning(ctx.loaded.model, windows, s.prior, s.batch, rc.seed)
         context = {"model": ctx.loaded.fingerprint, "calibration": proto.as_dict(), "dtype": str(pruning.current.dtype)}
         engine = Bonsai(settings_of(s, rc.seed), pruning, totals, removed, ctx.out_dir, context,
@@ -268,24 +279,24 @@ class BonsaiRun:
         pruning.current = None
         info = {"kind": "bonsai", "rounds": len(rounds), "planned_rounds": len(engine.plan), "seconds": seconds,
                 "prior": s.prior, "perturb": s.perturb, "sub_models": s.sub_models * s.perturb * len(rounds)}
-        found = {"dense": None, "bonsai": state}
-        models = evaluate_models(ctx, found, self.applier.apply, self.details,
-                                 lambda st: None if st is None else ["bonsai", state_key(st)])
+        name = self.name
+        models = evaluate_models(ctx, {"dense": None, name: state}, self.applier.apply, self.details,
+                                 lambda st: None if st is None else ["bonsai", state_key(st)], found=name)
         self.applier.restore()
-        allocation = self.describe(state, models["bonsai"].details["achieved"], rounds, budget.params)
+        allocation = self.describe(state, models[name].details["achieved"], rounds, budget.params)
         write_json(ctx.out_dir / "allocation.json", allocation)
         export = self.recipe.export_format() != "none"
         if rc.train.kind != "none":
-            models["bonsai_trained"] = post_train(
-                ctx, self.recipe.runner, "bonsai_trained", self.found_model(state),
+            models[f"{name}_trained"] = post_train(
+                ctx, self.recipe.runner, f"{name}_trained", self.found_model(state),
                 while_trained=(lambda e: self.export(state, allocation, e.to_json())) if export else None)
         elif export:
             self.applier.apply(state)
             try:
-                self.export(state, allocation, models["bonsai"].to_json())
+                self.export(state, allocation, models[name].to_json())
             finally:
                 self.applier.restore()
-        return RecipeResult("bonsai", models, allocation, info, {"calibration": proto.as_dict()})
+        return RecipeResult(name, models, allocation, info, {"calibration": proto.as_dict()})
 
     def details(self, state: StructuredState | None) -> dict:
         if state is None:
@@ -295,7 +306,8 @@ class BonsaiRun:
 
     def describe(self, state: StructuredState, achieved: dict, rounds: list[dict], budget: int) -> dict:
         rc = self.rc
-        return {"method": "structured", "target": rc.method.target, "search": "bonsai", "solver": "none",
+        return {"method": "structured", "target": rc.method.target, "search": "bonsai", "found": self.name,
+                "solver": "none",
                 "database": "none (Bonsai prunes the model itself)", "prior": rc.search.prior,
                 "achieved": {**achieved, "budget_params": budget}, "state": state.to_dict(),
                 "rounds": [{k: v for k, v in r.items() if k != "removed"} for r in rounds],

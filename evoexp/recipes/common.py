@@ -75,13 +75,14 @@ def run_evopress(ctx: RecipeContext, settings: EvoPressSettings, s: EvoPressCfg,
 
 def evaluate_models(ctx: RecipeContext, candidates: dict[str, Any], apply: Callable[[Any], None],
                     describe: Callable[[Any], dict], state_id: Callable[[Any], Any],
-                    scorer: CandidateEvaluator | None = None) -> dict[str, ModelEval]:
+                    scorer: CandidateEvaluator | None = None, found: str | None = None) -> dict[str, ModelEval]:
     """Every model a run compares (dense first, the found one, the references), evaluated the same way.
 
     With a `scorer` (a run with a search fitness), each model's fitness is taken on one fixed calibration
     minibatch; then, with the model put in place by `apply`, its held-out PPL and (for dense, the found model and
     references on request) zero-shot accuracy. `describe` gives the method's details of a model, `state_id` what
-    identifies it (None: the dense model) so that a killed run's finished figures are kept.
+    identifies it (None: the dense model) so that a killed run's finished figures are kept. `found`: the found
+    model's name when it is not the search's kind (zero-shot always evaluates it).
     """
     rc = ctx.rc
     fits: dict[str, dict] = {}
@@ -100,7 +101,7 @@ def evaluate_models(ctx: RecipeContext, candidates: dict[str, Any], apply: Calla
             with ctx.timed(f"eval_ppl_{name}"):
                 entry.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=dense, run_dir=ctx.out_dir,
                                          state_id="dense" if sid is None else sid)
-        if zeroshot_wanted(rc.eval.zeroshot, name, rc.search.kind):
+        if zeroshot_wanted(rc.eval.zeroshot, name, found or rc.search.kind):
             with ctx.timed(f"eval_zeroshot_{name}"):
                 entry.zeroshot = evaluate_zeroshot(ctx.loaded, rc.eval.zeroshot, rc.dtype.value, dense=dense,
                                                    run_dir=ctx.out_dir, state=name, state_id=sid)

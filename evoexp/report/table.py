@@ -22,7 +22,7 @@ from evoexp.utils import atomic_path
 
 SHORT_SPEC = {"wikitext2:test": "Wiki2", "c4:validation": "C4", "fineweb_edu:eval": "FW", "c4_sample:eval": "C4s",
               "wiki_sample:eval": "Wikis", "tinystories:eval": "TS"}
-LAST_ROWS = ("evopress", "darwinlm")  # the papers put their own method last
+LAST_ROWS = ("evopress", "darwinlm", "bonsai")  # the papers put their own method last
 TRAINED = "_trained"  # a model after post-compression training (train=): listed right after its one-shot row
 
 
