@@ -136,6 +136,8 @@ def test_bonsai_removes_the_least_important_units_and_resumes_exactly(perturb, t
     assert model_b.scored == 4 * 60 - 60 - 25  # round 1 and the first 25 of round 2 were kept
     capped, _ = run(tmp_path / "c", cap=2)
     assert len(capped) == 2
+    uncapped, model_c = run(tmp_path / "c")  # lifting the cap continues the same run
+    assert [r["removed"] for r in uncapped] == [r["removed"] for r in rounds] and model_c.scored == 2 * 60
 
 
 def test_each_round_shrinks_the_model_and_matches_the_masked_one(tiny, windows_64):

@@ -181,7 +181,8 @@ class Bonsai:
         the scores depend on besides the sub-model (model, calibration), so a rerun with others recomputes."""
         self.s, self.model, self.out_dir = settings, model, Path(out_dir) / "bonsai"
         self.plan = schedule(totals, removed, settings.prune_frac)
-        self.context = {"context": context, "settings": asdict(settings), "plan": self.plan}
+        what = {k: v for k, v in asdict(settings).items() if k != "rounds_cap"}  # a cap changes no round
+        self.context = {"context": context, "settings": what, "plan": self.plan}
         self.on_round = on_round or (lambda _r: None)
 
     def run(self) -> list[dict]:
