@@ -34,7 +34,7 @@ from evoexp.report.figures import write_figures
 from evoexp.report.results import FinishedRun, read_run
 from evoexp.report.summary import print_summary
 from evoexp.tracking import Tracker
-from evoexp.utils import git_sha, read_json, versions, write_json
+from evoexp.utils import git_sha, peak_memory, read_json, versions, write_json
 
 log = logging.getLogger("evoexp")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -217,6 +217,7 @@ class Job:
                       "parameters": loaded.num_params, "dtype": rc.dtype.value, "device": str(device)},
             "method": self.config["method"],
             "timings": self.timings,
+            "memory": peak_memory(),  # this process's: a resumed run reports its last part
             "metrics": metrics,
             **outcome.to_json(),
             "objective": first_ppl(metrics.get("ppl", {})),

@@ -290,6 +290,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def peak_memory() -> dict:
+    """This process's peak resident memory (and the peak CUDA allocation, where torch saw a GPU), in MiB."""
+    import resource
+
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def progress(iterable=None, **kwargs):
     """A tqdm bar; when stderr is not a terminal (SLURM logs, CI) it redraws at most every 30 s."""
     from tqdm.auto import tqdm

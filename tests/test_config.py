@@ -145,6 +145,7 @@ def test_cli_tiny_dense_run_writes_run_dir(tmp_path):
     # A random model over 259 byte tokens: PPL near the vocabulary size, far from 1.
     assert 100 < entry["float32"]["ppl"] < 600
     assert result["versions"]["torch"] == torch.__version__ and set(result["timings"]) == {"load_model", "eval_ppl"}
+    assert 100 < result["memory"]["peak_rss_mib"] < 24 * 1024  # this process's peak, measured
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "evoexp.log").exists()
     assert f"{entry['float32']['ppl']:.4f}" in proc.stdout
 
