@@ -226,3 +226,18 @@ def test_method_sweeps_compose_with_every_search(sweep, compose):
     for search in params["search"].split(","):
         cfg = compose([f"sweep={sweep}", f"search={search}"])
         assert cfg.search.references == [] and cfg.sweep_name == sweep
+
+
+def test_table_cost_columns_split_the_training_off_the_one_shot_row(tmp_path, capsys):
+    result = _fake_result(tmp_path / "a", 0.5, 0, "kl", 12.0, 15.0)
+    result["method"]["kind"] = "structured"
+    result["models"]["evopress_trained"] = result["models"]["evopress"]
+    result["found"] = "evopress"
+    result["timings"] = {"search": 540.0, "eval_ppl_evopress": 60.0, "train": 300.0, "eval_ppl_evopress_trained": 60.0}
+    result["memory"] = {"peak_rss_mib": 2048.0}
+    (tmp_path / "a" / "result.json").write_text(json.dumps(result))
+    assert table_main([str(tmp_path), "--cost", "--format", "csv"]) == 0
+    rows = {tuple(r.split(",")[2:5]): r.split(",")[5] for r in capsys.readouterr().out.strip().splitlines()[1:]}
+    assert float(rows[("evopress", "0.5", "run min")]) == 10.0  # search + its evaluation
+    assert float(rows[("evopress_trained", "0.5", "run min")]) == 16.0  # + training and its evaluation
+    assert float(rows[("evopress", "0.5", "peak GiB")]) == 2.0 and ("uniform", "0.5", "run min") not in rows

@@ -19,6 +19,8 @@ class FinishedRun:
     method: dict  # the method's config (kind, target, ...)
     config: dict  # the whole resolved config of the run
     recipe: RecipeResult
+    timings: dict | None = None  # seconds per step of the run ("search", "train", "eval_ppl_<model>", ...)
+    peak_rss_mib: float | None = None  # its (last) process's peak resident memory
 
     @property
     def kind(self) -> str:
@@ -46,7 +48,8 @@ def read_run(result: dict, run_dir: str | Path | None = None) -> FinishedRun:
     """A finished run from its result.json contents; `run_dir`: where it is now, if not where it was written."""
     return FinishedRun(Path(run_dir or result.get("run_dir", ".")), result.get("name", ""), result["model"]["name"],
                        result["model"].get("parameters"), result["method"], result.get("config", {}),
-                       RecipeResult.from_json(result))
+                       RecipeResult.from_json(result), result.get("timings"),
+                       (result.get("memory") or {}).get("peak_rss_mib"))
 
 
 def find_runs(paths: list[str]) -> tuple[list[FinishedRun], int]:

@@ -96,7 +96,19 @@ def split_label(proto: dict) -> str:
     return "full splits" if proto.get("limit") is None else f"limit {proto['limit']}"
 
 
-def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bool) -> list[Table]:
+def _cost(run: FinishedRun, name: str) -> list[tuple[Metric, float, str]]:
+    """The run's wall time and peak memory, on the rows of the model it found (one-shot and trained)."""
+    if name not in (run.recipe.found, run.recipe.found + TRAINED):
+        return []
+    note = ("run min: the run that found the model (its search and evaluations; a trained row adds the training "
+            "and its evaluations); peak GiB: that run's (last) process")
+    steps = {k: v for k, v in (run.timings or {}).items() if name.endswith(TRAINED) or "train" not in k}
+    out = [(Metric("run min", False), sum(steps.values()) / 60, note)] if steps else []
+    return out + ([] if run.peak_rss_mib is None else [(Metric("peak GiB", False), run.peak_rss_mib / 1024, note)])
+
+
+def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bool, cost: bool = False
+            ) -> list[Table]:
     tables: dict[tuple[str, str], Table] = {}
     for run in runs:
         key = (run.model, run.kind)
@@ -113,7 +125,7 @@ def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bo
             if row not in table.rows:
                 table.rows.append(row)
             t = None if row == "dense" else target
-            for metric, value, note in _values(entry, dtype, tasks):
+            for metric, value, note in _values(entry, dtype, tasks) + (_cost(run, name) if cost else []):
                 if metric not in table.metrics:
                     table.metrics.append(metric)
                 if seed in table.seeds[(row, t)]:
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="split rows by a config key, e.g. --by fitness.kind (repeatable)")
     ap.add_argument("--dtype", help="which evaluated dtype feeds the PPL cells (default: the first one)")
     ap.add_argument("--tasks", action="store_true", help="one column per zero-shot task besides the average")
+    ap.add_argument("--cost", action="store_true",
+                    help="the wall time (min) and peak memory (GiB) of the run that found each model")
     ap.add_argument("--figures", action="store_true", help="(re)draw every run's figures into its run dir")
     args = ap.parse_args(argv)
     try:
@@ -245,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise UserError(f"no finished result.json under {' '.join(args.paths)}"
                             + (f" ({unfinished} unfinished run(s))" if unfinished else ""))
-        tables = collect(runs, args.by, args.dtype, args.tasks)
+        tables = collect(runs, args.by, args.dtype, args.tasks, args.cost)
     except UserError as ex:
         print(f"evoexp-table: error: {ex}", file=sys.stderr)
         return 2
