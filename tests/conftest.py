@@ -71,13 +71,15 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           env=full_env, cwd=cwd or ROOT, timeout=timeout)
 
 
-def start_search(args, run_dir, env=None, generations: int = 2, **popen) -> subprocess.Popen:
+def start_search(args, run_dir, env=None, generations: int = 2, watch: str = "history.jsonl",
+                 **popen) -> subprocess.Popen:
     """Start `evoexp *args` writing into `run_dir` and return once its search has logged `generations`
-    generations (to interrupt it there); fails if it ends before that."""
+    generations (to interrupt it there); fails if it ends before that. `watch`: the run dir's file whose lines
+    count (the search's history, or e.g. a Bonsai round's scored sub-models)."""
     proc = subprocess.Popen([sys.executable, "-m", "evoexp", *args], env={**os.environ, **(env or {})}, cwd=ROOT,
                             **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen))
     deadline = time.time() + 300
-    history = Path(run_dir) / "history.jsonl"
+    history = Path(run_dir) / watch
     while time.time() < deadline and proc.poll() is None:
         if history.exists() and len(history.read_text().splitlines()) >= generations:
             break

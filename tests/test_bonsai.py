@@ -218,3 +218,27 @@ def test_the_command_line_run_is_exact_and_exports_its_shrunk_model(tmp_path):
     assert result["found"] == "prior_random" and result["search"]["sub_models"] == 0  # nothing scored
     assert models["prior_random_trained"]["achieved"] == models["prior_random"]["achieved"]
     assert models["prior_random"]["achieved"]["unit_params"] == a["unit_params"]
+
+
+def test_a_run_killed_inside_a_round_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+
+    from tests.conftest import start_search
+
+    env = {"EVOEXP_CACHE": str(tmp_path / "cache")}
+    args = [*SMALL, "search.rounds_cap=3", "dtype=float32"]
+    clean = run_cli(*args, f"hydra.run.dir={tmp_path / 'clean'}", env=env)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    run = tmp_path / "run"
+    proc = start_search([*args, f"hydra.run.dir={run}"], run, env, generations=4,
+                        watch="bonsai/round_1_scores.jsonl")  # 4 sub-models of round 2 scored
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert len(read_json(run / "bonsai" / "rounds.json")["rounds"]) == 1 and not (run / "result.json").exists()
+    resumed = run_cli(*args, f"hydra.run.dir={run}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "bonsai: resuming after round 1" in resumed.stderr + resumed.stdout
+    a, b = (read_json(d / "result.json") for d in (tmp_path / "clean", run))
+    assert a["allocation"]["state"] == b["allocation"]["state"]
+    assert a["models"]["bonsai"]["ppl"]["wikitext2:test"]["float32"]["ppl"] == \
+        b["models"]["bonsai"]["ppl"]["wikitext2:test"]["float32"]["ppl"]
