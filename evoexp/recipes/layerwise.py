@@ -26,7 +26,6 @@ from evoexp.models.adapter import LinearInfo
 from evoexp.recipes.common import (build_teacher, calibration, capped_minibatch, evaluate_models, evopress_settings,
                                    rng_for, run_evopress)
 from evoexp.recipes.contract import RecipeContext, RecipeResult
-from evoexp.recipes.darwinlm import PrunedMasks
 from evoexp.recipes.layerwise_checks import check_layerwise, reference_cfg
 from evoexp.recipes.posttrain import FoundModel, post_train
 from evoexp.search.evaluator import CandidateEvaluator
@@ -287,12 +286,10 @@ class LayerwiseRecipe:
                     self.put(None)
 
     def found_model(self, alloc: Allocation) -> FoundModel:
-        """The allocation as post-training takes it: structured layers keep their kept columns, sparse layers
-        their non-zeros."""
-        def masks() -> dict:
-            if self.rc.method.kind == "structured":
-                return PrunedMasks(self.adapter, alloc.db, self.level_space()).of_levels(alloc.levels)
-            return {w: w != 0 for w in (self.adapter.module(name).weight for name in alloc.levels)}
+        """The allocation as post-training takes it (see `kept_entries`)."""
+        return FoundModel(lambda: self.put(alloc), lambda: self.put(None), lambda: self.kept_entries(alloc),
+                          [alloc.db.key, alloc.levels], lambda: self.details(alloc))
 
-        return FoundModel(lambda: self.put(alloc), lambda: self.put(None), masks, [alloc.db.key, alloc.levels],
-                          lambda: self.details(alloc))
+    def kept_entries(self, alloc: Allocation) -> dict:
+        """{weight: bool mask of the entries that stay} with `alloc` in place: a sparse layer's non-zeros."""
+        return {w: w != 0 for w in (self.adapter.module(name).weight for name in alloc.levels)}

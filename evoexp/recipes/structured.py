@@ -12,6 +12,7 @@ from evoexp.config import RunCfg
 from evoexp.errors import UserError
 from evoexp.methods.export import model_card
 from evoexp.methods.layerwise import Allocation
+from evoexp.methods.level_kinds import LEVEL_KINDS
 from evoexp.methods.structured import check_geometry, structured_budget, structured_units, uniform_values
 from evoexp.methods.structured_export import export_structured
 from evoexp.models.adapter import LinearInfo
@@ -19,9 +20,8 @@ from evoexp.models.heads import geometry
 from evoexp.models.peek import peek_config
 from evoexp.models.shrink import check_shrinkable
 from evoexp.recipes.contract import RecipeResult
-from evoexp.methods.level_kinds import LEVEL_KINDS
 from evoexp.recipes.bonsai import BonsaiRun, check_bonsai
-from evoexp.recipes.darwinlm import darwinlm_search
+from evoexp.recipes.darwinlm import PrunedMasks, darwinlm_search
 from evoexp.recipes.layerwise import LayerwiseRecipe
 from evoexp.recipes.layerwise_checks import EXPORTS, check_layerwise
 
@@ -65,6 +65,10 @@ class StructuredRecipe(LayerwiseRecipe):
         if kind == "darwinlm":  # EvoPress with training-aware selection (recipes/darwinlm.py)
             return darwinlm_search(self, cfg)
         return super().choose(kind, cfg)
+
+    def kept_entries(self, alloc: Allocation) -> dict:
+        """The kept columns of every o_proj / down_proj at the allocation's levels (the database's kept groups)."""
+        return PrunedMasks(self.adapter, alloc.db, self.level_space()).of_levels(alloc.levels)
 
     def details(self, alloc: Allocation | None) -> dict:
         out = super().details(alloc)
