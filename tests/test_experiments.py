@@ -13,7 +13,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 # Shrinks any experiment to one generation on the tiny model, with offline data and one eval window.
 TINY = ["model=tiny", "logger=none", "data=wikitext2", "data.calib_windows=4", "data.seq_len=128",
         "database.windows=4", "eval.windows=1", "eval.datasets=[wikitext2:test]", "fitness.report_tokens=256"]
-ZEROSHOT = ["eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=2"]
+ZEROSHOT = ["eval.zeroshot.tasks=[piqa]", "eval.zeroshot.limit=2", "eval.zeroshot.batch_size=2",
+            "eval.zeroshot.builtin_tasks=false"]  # piqa ships offline: no index of the harness's own tasks
 SEARCH = ["search.generations=1", "search.offspring=2", "search.init_candidates=2", "search.init_tokens=128",
           "search.stages=[{survivors:1,tokens:256}]"]
 DARWIN = [*SEARCH[:-1], "search.stages=[{survivors:1,tokens:256,train_tokens:128}]", "search.train_windows=4"]
