@@ -293,7 +293,6 @@ def versions() -> dict[str, str]:
 def peak_memory() -> dict:
     """This process's peak resident memory (and the peak CUDA allocation, where torch saw a GPU), in MiB."""
     import resource
-
     out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():

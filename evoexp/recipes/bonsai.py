@@ -9,7 +9,6 @@ model with the removed columns zeroed (`StateApplier`), which computes what the 
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -31,7 +30,7 @@ from evoexp.recipes.posttrain import FoundModel, post_train
 from evoexp.search.bonsai import HEAD, NEURON, Bonsai, BonsaiSettings, Units
 from evoexp.solvers.hessian import InputNorms
 from evoexp.solvers.structured import StructMagnitude, StructRandom, WandaSP
-from evoexp.utils import write_json
+from evoexp.utils import stable_hash, write_json
 
 log = logging.getLogger(__name__)
 PRIORS = {"wanda_sp": WandaSP, "magnitude": StructMagnitude, "random": StructRandom}
@@ -73,10 +72,6 @@ def settings_of(s: BonsaiCfg, seed: int) -> BonsaiSettings:
                           alphas=tuple(s.alphas), ppl_cap=s.ppl_cap, rounds_cap=s.rounds_cap, seed=seed)
 
 
-def state_key(state: StructuredState) -> str:
-    return hashlib.sha256(repr(state.to_dict()).encode()).hexdigest()[:16]
-
-
 class StateApplier:
     """Puts a structured state into the dense model by zeroing the removed heads' o_proj and the removed
     neurons' down_proj input columns (and a removed sub-block's output bias), and puts the dense weights back.
@@ -87,14 +82,9 @@ class StateApplier:
         self.saved: dict[str, torch.Tensor] = {}
 
     def params(self) -> dict[str, nn.Parameter]:
-        names = [n for g in self.geoms for n in (g.attn_out, g.mlp_out)]
-        out = {}
-        for name in names:
-            lin = self.adapter.module(name)
-            out[name + ".weight"] = lin.weight
-            if lin.bias is not None:
-                out[name + ".bias"] = lin.bias
-        return out
+        lins = [(n, self.adapter.module(n)) for g in self.geoms for n in (g.attn_out, g.mlp_out)]
+        return {f"{n}.{k}": p for n, lin in lins for k, p in (("weight", lin.weight), ("bias", lin.bias))
+                if p is not None}
 
     @torch.no_grad()
     def apply(self, state: StructuredState | None) -> None:
@@ -147,7 +137,8 @@ class ShrunkPruning:
         kept = [i for i, b in enumerate(self.state.blocks) if b.heads or b.neurons]
         for layer, i in zip(self.current.model.layers, kept):
             self.layers.append((self.geoms[i], self.state.blocks[i], layer))
-            for part, lin in ((HEAD, getattr(layer.self_attn, "o_proj", None)), (NEURON, getattr(layer.mlp, "down_proj", None))):
+            for part, lin in ((HEAD, getattr(layer.self_attn, "o_proj", None)),
+                              (NEURON, getattr(layer.mlp, "down_proj", None))):
                 if lin is not None:
                     lin.register_forward_pre_hook(self._hook(i, part))
 
@@ -157,8 +148,9 @@ class ShrunkPruning:
             return None if mult is None else (args[0] * mult,)
         return pre
 
-    def head_order(self, g: BlockGeometry, b: BlockState) -> list[int]:
-        return sorted(b.heads, key=lambda h: (g.kv_of_q[h], h))  # the shrunk layout (evoexp.models.shrink)
+    @staticmethod
+    def head_order(g: BlockGeometry, b: BlockState) -> list[int]:  # the shrunk layout (evoexp.models.shrink)
+        return sorted(b.heads, key=lambda h: (g.kv_of_q[h], h))
 
     def units(self) -> Units:
         part, module, ids, keep_one = [], [], [], set()
@@ -241,8 +233,7 @@ class ShrunkPruning:
 
 
 def found_name(s: BonsaiCfg) -> str:
-    """The found model's name in result.json: `bonsai` (Wanda-sp prior), `bonsai_<prior>` (another prior), or
-    `prior_<prior>` for prior-only pruning, so that the variants are rows of their own in one table."""
+    """The found model's name: bonsai, bonsai_<other prior>, prior_<prior> (prior-only): rows of their own."""
     if not s.perturb:
         return f"prior_{s.prior}"
     return "bonsai" if s.prior == "wanda_sp" else f"bonsai_{s.prior}"
@@ -281,7 +272,7 @@ class BonsaiRun:
                 "prior": s.prior, "perturb": s.perturb, "sub_models": s.sub_models * s.perturb * len(rounds)}
         name = self.name
         models = evaluate_models(ctx, {"dense": None, name: state}, self.applier.apply, self.details,
-                                 lambda st: None if st is None else ["bonsai", state_key(st)], found=name)
+                                 lambda st: None if st is None else ["bonsai", stable_hash(st.to_dict())], found=name)
         self.applier.restore()
         allocation = self.describe(state, models[name].details["achieved"], rounds, budget.params)
         write_json(ctx.out_dir / "allocation.json", allocation)
@@ -314,9 +305,8 @@ class BonsaiRun:
                 "summary": structured_summary(achieved)}
 
     def found_model(self, state: StructuredState) -> FoundModel:
-        return FoundModel(lambda: self.applier.apply(state), self.applier.restore,
-                          lambda: self.applier.masks(state), ["bonsai", state_key(state)],
-                          lambda: self.details(state))
+        return FoundModel(lambda: self.applier.apply(state), self.applier.restore, lambda: self.applier.masks(state),
+                          ["bonsai", stable_hash(state.to_dict())], lambda: self.details(state))
 
     def export(self, state: StructuredState, allocation: dict, entry: dict) -> None:
         """The shrunk checkpoint, from the weights the model holds (the state applied: one-shot or trained)."""
