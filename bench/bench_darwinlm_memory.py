@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from evoexp.utils import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "darwinlm_memory.json"
 COMMON = ["method=structured", "method.target=0.5", "logger=none", "eval.datasets=[wikitext2:test]", "eval.windows=1",
           "resume=false"]
@@ -48,9 +50,7 @@ def main():
         if name not in results:
             results[name] = measure(args, out)
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            tmp = RESULTS.with_suffix(".tmp")  # atomic: a killed bench leaves the previous file whole
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
-            tmp.replace(RESULTS)
+            write_json(RESULTS, results, digest=False)  # atomic: a killed bench leaves the previous file whole
         print(f"{name}: peak RSS {results[name]['peak_rss_mib']:.0f} MiB, {results[name]['wall_s']:.0f} s", flush=True)
     a, b = results["darwinlm_cpu_lambda4"], results["darwinlm_cpu_lambda16"]
     print(f"lambda 16 / lambda 4 peak: {b['peak_rss_mib'] / a['peak_rss_mib']:.3f}")

@@ -179,7 +179,7 @@ def test_a_run_computes_no_gradient(tiny, windows_64, tmp_path):
     from evoexp.recipes.bonsai import ShrunkPruning
 
     seen = []
-    for p in tiny.model.parameters():  # the session's tiny model: whatever an earlier test left
+    for p in tiny.model.parameters():  # the session's tiny model is shared: start from no gradient at all
         p.grad = None
     pruning = ShrunkPruning(tiny.model, windows_64, "wanda_sp", batch=2, seed=0)
     original = pruning._build

@@ -49,7 +49,7 @@ def check_shrinkable(model: nn.Module) -> None:
                         f"partial_rotary_factor={rope['partial_rotary_factor']}")
 
 
-def _head_order(g: BlockGeometry, b: BlockState) -> list[int]:
+def head_order(g: BlockGeometry, b: BlockState) -> list[int]:
     """Kept query heads grouped by KV head (the shrunk layout), each group in index order."""
     return sorted(b.heads, key=lambda h: (g.kv_of_q[h], h))
 
@@ -65,7 +65,7 @@ def shrunk_config(model: nn.Module, geoms: list[BlockGeometry], state: Structure
     sizes = []
     for i in keep:
         g, b = geoms[i], state.blocks[i]
-        heads = [g.kv_of_q[h] for h in _head_order(g, b)]
+        heads = [g.kv_of_q[h] for h in head_order(g, b)]
         sizes.append([heads.count(kv) for kv in b.kept_kv(g)])
     g0 = geoms[0]
     kwargs = {k: getattr(src, k) for k in COPIED if hasattr(src, k)}
@@ -119,7 +119,7 @@ def _layer_tensors(adapter: DecoderAdapter, g: BlockGeometry, b: BlockState, mas
     sd, block = {}, adapter.blocks[g.block]
     parts = _split_in(adapter, g)
     if b.heads:
-        order = _head_order(g, b)
+        order = head_order(g, b)
         q_rows = _rows(order, g.head_dim)
         kv_rows = _rows(list(b.kept_kv(g)), g.head_dim)
         attn = f"{prefix}.self_attn"

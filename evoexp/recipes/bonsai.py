@@ -23,13 +23,13 @@ from evoexp.methods.structured import measure_structured, structured_budget, str
 from evoexp.methods.structured_export import LOADING
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.heads import BlockGeometry, BlockState, StructuredState, geometry, masked_weights
-from evoexp.models.shrink import save_shrunk, shrink_model
+from evoexp.models.shrink import head_order, save_shrunk, shrink_model
 from evoexp.recipes.common import calibration, evaluate_models
 from evoexp.recipes.contract import RecipeResult
 from evoexp.recipes.posttrain import FoundModel, post_train
 from evoexp.search.bonsai import HEAD, NEURON, Bonsai, BonsaiSettings, Units
 from evoexp.solvers.hessian import InputNorms
-from evoexp.solvers.structured import StructMagnitude, StructRandom, WandaSP
+from evoexp.solvers.structured import StructMagnitude, StructRandom, WandaSP, group_columns
 from evoexp.utils import stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -38,9 +38,7 @@ PRIORS = {"wanda_sp": WandaSP, "magnitude": StructMagnitude, "random": StructRan
 
 def check_bonsai(rc: RunCfg) -> None:
     """search=bonsai's settings, before the model loads."""
-    s, m = rc.search, rc.method
-    if m.kind != "structured":
-        raise UserError(f"search: bonsai removes heads and neurons; it needs method=structured, not method={m.kind}")
+    s, m = rc.search, rc.method  # method=structured: other methods refuse search=bonsai in their own checks
     if not 0 < s.prune_frac < 0.5:
         fail("search.prune_frac", "a fraction in (0, 0.5) (each round's candidates are 2 x prune_frac)",
              s.prune_frac)
@@ -107,8 +105,8 @@ class StateApplier:
         """{o_proj / down_proj weight: [1, in] bool, True where a column stays}: what post-training keeps."""
         out = {}
         for g, b in zip(self.geoms, state.blocks):
-            for name, kept in ((g.attn_out, [h * g.head_dim + d for h in b.heads for d in range(g.head_dim)]),
-                               (g.mlp_out, list(b.neurons))):
+            for name, kept in ((g.attn_out, group_columns(torch.tensor(b.heads, dtype=torch.long), g.head_dim)),
+                               (g.mlp_out, torch.tensor(b.neurons, dtype=torch.long))):
                 w = self.adapter.module(name).weight
                 keep = torch.zeros(1, w.shape[1], dtype=torch.bool, device=w.device)
                 keep[0, kept] = True
@@ -141,6 +139,7 @@ class ShrunkPruning:
                               (NEURON, getattr(layer.mlp, "down_proj", None))):
                 if lin is not None:
                     lin.register_forward_pre_hook(self._hook(i, part))
+        self._units = self._list_units()
 
     def _hook(self, block: int, part: int):
         def pre(_module, args):
@@ -148,14 +147,13 @@ class ShrunkPruning:
             return None if mult is None else (args[0] * mult,)
         return pre
 
-    @staticmethod
-    def head_order(g: BlockGeometry, b: BlockState) -> list[int]:  # the shrunk layout (evoexp.models.shrink)
-        return sorted(b.heads, key=lambda h: (g.kv_of_q[h], h))
-
     def units(self) -> Units:
+        return self._units  # they change only when the model is rebuilt
+
+    def _list_units(self) -> Units:
         part, module, ids, keep_one = [], [], [], set()
         for g, b, _ in self.layers:
-            for p, members, bias in ((HEAD, self.head_order(g, b), g.o_bias), (NEURON, b.neurons, g.mlp_out_bias)):
+            for p, members, bias in ((HEAD, head_order(g, b), g.o_bias), (NEURON, b.neurons, g.mlp_out_bias)):
                 part += [p] * len(members)
                 module += [2 * g.block + p] * len(members)
                 ids += [(g.block, p, int(u)) for u in members]
@@ -190,21 +188,14 @@ class ShrunkPruning:
 
     def perplexity(self, dropped: np.ndarray) -> float:
         units = self.units()
-        gone: dict[tuple[int, int], list[int]] = {}
-        for i in np.flatnonzero(dropped):
-            block, part, _ = units.ids[i]
-            gone.setdefault((block, part), []).append(i)
-        start = {key: int(np.flatnonzero((units.module == 2 * key[0] + key[1]))[0]) for key in gone}
         device, dtype = self.current.model.embed_tokens.weight.device, self.current.dtype
-        for (block, part), idx in gone.items():
-            g = self.geoms[block]
-            width = g.head_dim if part == HEAD else 1
-            n = int((units.module == 2 * block + part).sum())
-            mult = torch.ones(n * width, device=device, dtype=dtype)
-            for i in idx:
-                k = i - start[(block, part)]
-                mult[k * width:(k + 1) * width] = 0
-            self.columns[(block, part)] = mult
+        for m in np.unique(units.module[dropped]):  # units of a module are contiguous, in its columns' order
+            idx = np.flatnonzero(units.module == m)
+            block, part = divmod(int(m), 2)
+            width = self.geoms[block].head_dim if part == HEAD else 1
+            mult = torch.ones(len(idx), width, device=device, dtype=dtype)
+            mult[torch.from_numpy(dropped[idx])] = 0
+            self.columns[(block, part)] = mult.reshape(-1)
         try:
             return float(np.exp(self._forward_nll()))
         finally:
