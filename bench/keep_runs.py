@@ -4,7 +4,7 @@ the unfinished ones where they stopped.
 
 A run is finished when its `result.json` says so; it is unfinished when it holds progress (`search_state.json`,
 `history.jsonl` or `scores/`, with the `progress_config.json` they were made under). Its small files are copied
-(result, config, allocation, history, scores, search state, figures, log; nothing over --max-mb, no response
+(result, config, allocation, history, scores, search state, Bonsai's rounds, figures, log; nothing over --max-mb, no response
 caches), with their paths relative to SRC. A run finished in DEST is left alone; an unfinished one is replaced only
 by a finished run or by one further on (more history and score lines), so copying the wrong way round loses
 nothing. Each run dir is written whole beside its target and then swapped in. Databases live in the cache and are
@@ -20,8 +20,9 @@ import json
 import shutil
 from pathlib import Path
 
+from evoexp.run import PROGRESS  # what evoexp resumes from (a post-training checkpoint is over --max-mb: redone)
+
 SKIP_DIRS = {"zeroshot_requests"}
-PROGRESS = ("search_state.json", "history.jsonl", "scores")  # as evoexp.run.PROGRESS
 
 
 def finished(run: Path) -> bool:
@@ -37,8 +38,8 @@ def unfinished(run: Path) -> bool:
 
 
 def progress(run: Path) -> int:
-    """How far an unfinished run got: its generations and scored candidates (one line each)."""
-    files = [run / "history.jsonl", *sorted((run / "scores").glob("*.jsonl"))]
+    """How far an unfinished run got: its generations and scored candidates / sub-models (one line each)."""
+    files = [run / "history.jsonl", *sorted((run / "scores").glob("*.jsonl")), *sorted((run / "bonsai").glob("*"))]
     return sum(f.read_bytes().count(b"\n") for f in files if f.is_file())
 
 

@@ -34,7 +34,8 @@ from evoexp.report.figures import write_figures
 from evoexp.report.results import FinishedRun, read_run
 from evoexp.report.summary import print_summary
 from evoexp.tracking import Tracker
-from evoexp.utils import git_sha, peak_memory, read_json, versions, write_json
+from evoexp.timings import TIMINGS, record_step, run_totals
+from evoexp.utils import git_sha, read_json, versions, write_json
 
 log = logging.getLogger("evoexp")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,12 +99,13 @@ def mark_failed(failed: Path) -> None:
 
 # What a killed job leaves for its rerun to go on from (the zero-shot request cache has its own
 # eval.zeroshot.resume); resume=false removes it, so the job starts over and is itself resumable again.
-PROGRESS = ("search_state.json", "history.jsonl", "scores")
+PROGRESS = ("search_state.json", "history.jsonl", "scores", "bonsai", "train")
 
 
 # An unfinished job's progress holds for a rerun unless a setting it was computed with has changed; how the
-# result is evaluated or exported does not change the search, so it may be changed before resuming.
-PROGRESS_NEUTRAL = ("eval.", "export.")
+# result is evaluated, exported or post-trained does not change the search, so it may be changed before resuming
+# (a post-training checkpoint checks its own settings).
+PROGRESS_NEUTRAL = ("eval.", "export.", "train.")
 
 
 def check_progress(out_dir: Path, config: dict) -> None:
@@ -120,7 +122,7 @@ def check_progress(out_dir: Path, config: dict) -> None:
 
 
 def forget_progress(out_dir: Path) -> None:
-    for name in PROGRESS:
+    for name in (*PROGRESS, TIMINGS):
         path = out_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -204,6 +206,7 @@ class Job:
         if "zeroshot" in metrics:
             scalars.update(zeroshot_scalars(metrics["zeroshot"]))
         self.tracker.summary({"eval": scalars})
+        timings, peak = run_totals(self.out_dir)
         result = {
             "status": "done",
             "name": rc.name,
@@ -216,8 +219,8 @@ class Job:
             "model": {"name": loaded.name, "source": loaded.source, "fingerprint": loaded.fingerprint,
                       "parameters": loaded.num_params, "dtype": rc.dtype.value, "device": str(device)},
             "method": self.config["method"],
-            "timings": self.timings,
-            "memory": peak_memory(),  # this process's: a resumed run reports its last part
+            "timings": timings,  # summed over every process that worked on the run
+            "memory": peak,
             "metrics": metrics,
             **outcome.to_json(),
             "objective": first_ppl(metrics.get("ppl", {})),
@@ -237,6 +240,7 @@ class Job:
             yield
         finally:
             self.timings[key] = round(time.time() - t0, 2)
+            record_step(self.out_dir, key, self.timings[key])
 
 
 def draw_figures(run: FinishedRun) -> list[Path]:

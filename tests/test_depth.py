@@ -293,3 +293,22 @@ def test_brute_force_and_evopress_agree_on_pair_dropping(rig):
     assert np.array_equal(res.state, best) and res.fitness == pytest.approx(best_fit)
     with pytest.raises(UserError, match="max_states"):
         brute_force(ds, ev, everything, max_states=5)
+
+
+def test_progress_of_every_kind_is_checked_and_forgotten(tmp_path):
+    """Bonsai's rounds and a post-training checkpoint are progress like a search's state: resume=false removes
+    them, and other settings are refused while they are there; post-training settings do not void a search's."""
+    from evoexp.errors import UserError
+    from evoexp.run import check_progress, forget_progress
+
+    config = {"search": {"offspring": 8}, "train": {"tokens": 1024}, "eval": {"windows": 2}}
+    for progress in ("bonsai", "train", "scores"):
+        run = tmp_path / progress
+        (run / progress).mkdir(parents=True)
+        check_progress(run, config)
+        check_progress(run, {**config, "train": {"tokens": 2048}, "eval": {"windows": 4}})
+        with pytest.raises(UserError, match="other settings"):
+            check_progress(run, {**config, "search": {"offspring": 4}})
+        forget_progress(run)
+        assert not (run / progress).exists()
+        check_progress(run, {**config, "search": {"offspring": 4}})

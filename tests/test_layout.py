@@ -27,7 +27,7 @@ LAYERS = [
     ("methods",),                   # what each compression method does to a model
     ("recipes",),                   # one workflow per method kind, the recipe contract
     ("report", "tracking"),         # tables, figures, W&B
-    ("run",),                       # one job: validate, load, run the recipe, write the run dir
+    ("run", "timings"),             # one job: validate, load, run the recipe, write the run dir (its step times)
     ("cli", "__main__"),            # the entrypoints
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

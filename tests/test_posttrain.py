@@ -84,6 +84,35 @@ def test_distillation_from_the_dense_model_starts_at_zero_kl(model, tmp_path):
     assert first["kl"] < 1e-3 and first["ce"] > 1 and first["loss"] == pytest.approx(first["kl"] + 0.5 * first["ce"])
 
 
+def test_teacher_states_are_cached_checked_and_recomputed_when_damaged(model, tmp_path, monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from evoexp.recipes.posttrain import cached_teacher_states
+
+    monkeypatch.setenv("EVOEXP_CACHE", str(tmp_path))
+    runner, calls = BlockRunner(model.adapter), []
+
+    def hidden(ids):
+        calls.append(ids.shape[0])
+        return runner.final(runner.run(runner.embed(ids), 0))
+
+    ctx = SimpleNamespace(loaded=SimpleNamespace(fingerprint="tiny:test"),
+                          rc=SimpleNamespace(dtype=SimpleNamespace(value="float32")))
+    first = cached_teacher_states(ctx, hidden, windows())
+    assert sum(calls) == 8 and first.dtype == torch.float16 and first.shape[:2] == (8, 32)
+    again = cached_teacher_states(ctx, hidden, windows())
+    assert sum(calls) == 8 and torch.equal(again, first)  # read back, not computed
+    other = cached_teacher_states(ctx, hidden, windows()[:, :16])
+    assert sum(calls) == 16 and other.shape[:2] == (8, 16)  # other windows: another entry
+    path = next(p for p in (tmp_path / "teacher_states").iterdir() if p.stat().st_size == max(
+        q.stat().st_size for q in (tmp_path / "teacher_states").iterdir()))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    redone = cached_teacher_states(ctx, hidden, windows())
+    assert sum(calls) == 24 and torch.equal(redone, first) and "damaged" in caplog.text
+
+
 def test_a_sparse_run_trains_its_found_model_and_keeps_its_zeros(tmp_path):
     from evoexp.utils import read_json
     from tests.conftest import run_cli

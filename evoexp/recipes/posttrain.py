@@ -14,10 +14,13 @@ drawn with seed `data.seed + 2`.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
 
 from evoexp.config import TrainCfg
 from evoexp.data import calibration_windows, load_tokens
@@ -25,9 +28,13 @@ from evoexp.eval import evaluate_ppl, evaluate_zeroshot
 from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.recipes.contract import ModelEval, RecipeContext
 from evoexp.recipes.darwinlm import trained_parameters
+from evoexp.tensorfiles import check_safetensors, save_safetensors
 from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
+from evoexp.utils import DamagedFile, cache_root, stable_hash
 
 TRAIN_DATA_SEED = 2  # offset of data.seed for the post-training windows
+TEACHER_VERSION = 1  # bump when teacher_states computes something else, so cached states are not reused
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +62,25 @@ def train_windows(ctx: RecipeContext, t: TrainCfg) -> torch.Tensor:
     return calibration_windows(stream, tok, seq, n, data.seed + TRAIN_DATA_SEED, data.bos)[0]
 
 
+def cached_teacher_states(ctx: RecipeContext, hidden: Callable, windows: torch.Tensor) -> torch.Tensor:
+    """The dense model's final hidden states on the training windows, computed once per (weights, windows, dtype)
+    and kept in the cache: every job of a table trains on the same text, and the pass costs minutes on a CPU."""
+    key = stable_hash({"model": ctx.loaded.fingerprint, "dtype": ctx.rc.dtype.value, "version": TEACHER_VERSION,
+                       "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()})
+    path = cache_root() / "teacher_states" / f"{key}.safetensors"
+    try:
+        if path.exists() and check_safetensors(path):
+            states = load_file(path)["hidden"]
+            if states.shape[:2] == windows.shape:
+                return states
+        log.info("%s: no usable teacher states there; computing them", path)
+    except DamagedFile as ex:
+        log.warning("%s: damaged (%s); computing the teacher states again", path, ex.why)
+    states = teacher_states(hidden, windows)
+    save_safetensors({"hidden": states}, path, metadata={"model": ctx.loaded.fingerprint})
+    return states
+
+
 def post_train(ctx: RecipeContext, runner, name: str, found: FoundModel,
                while_trained: Callable[[ModelEval], None] | None = None) -> ModelEval:
     """Train the found model, evaluate it (held-out PPL, zero-shot as for the found model), call `while_trained`
@@ -72,7 +98,7 @@ def post_train(ctx: RecipeContext, runner, name: str, found: FoundModel,
     if t.kind == "distill":
         found.put_dense()
         with ctx.timed("train_teacher"):
-            teacher = teacher_states(hidden, windows)
+            teacher = cached_teacher_states(ctx, hidden, windows)
     found.put()
     details = found.details()  # measured on the one-shot weights: training keeps what is pruned pruned
     params = trained_parameters(adapter)

@@ -100,8 +100,8 @@ def _cost(run: FinishedRun, name: str) -> list[tuple[Metric, float, str]]:
     """The run's wall time and peak memory, on the rows of the model it found (one-shot and trained)."""
     if name not in (run.recipe.found, run.recipe.found + TRAINED):
         return []
-    note = ("run min: the run that found the model (its search and evaluations; a trained row adds the training "
-            "and its evaluations); peak GiB: that run's (last) process")
+    note = ("run min: the run that found the model (its search and evaluations, summed over every process that "
+            "worked on it; a trained row adds the training and its evaluations); peak GiB: its processes' largest")
     steps = {k: v for k, v in (run.timings or {}).items() if name.endswith(TRAINED) or "train" not in k}
     out = [(Metric("run min", False), sum(steps.values()) / 60, note)] if steps else []
     return out + ([] if run.peak_rss_mib is None else [(Metric("peak GiB", False), run.peak_rss_mib / 1024, note)])

@@ -60,7 +60,9 @@ def teacher_states(hidden_of: Callable[[torch.Tensor], torch.Tensor], windows: t
                    ) -> torch.Tensor:
     """The dense model's final (normed) hidden states on every training window [n, seq_len, hidden], in fp16:
     computed before the compression is put in place."""
-    return torch.cat([hidden_of(windows[i: i + batch]).half().cpu() for i in range(0, windows.shape[0], batch)])
+    starts = range(0, windows.shape[0], batch)
+    bar = progress(starts, desc="teacher states", unit="batch")
+    return torch.cat([hidden_of(windows[i: i + batch]).half().cpu() for i in bar])
 
 
 class PostTrainer:
