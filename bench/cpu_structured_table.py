@@ -53,7 +53,13 @@ def launch(job: list[str], log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / (",".join(job[2:]).replace("/", "_") + ".log"), "ab")
     print(time.strftime("%H:%M:%S"), "start", " ".join(job[2:]), flush=True)
     return subprocess.Popen([str(Path(sys.executable).with_name("evoexp")), "-m", *job, "threads=1"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """A script started with `&` from a non-interactive shell ignores SIGINT, and so would the jobs it starts
+    (Python keeps an ignored SIGINT ignored): give them the default, so --stop-at's SIGINT stops them cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def main() -> int:
