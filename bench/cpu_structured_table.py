@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from keep_runs import finished, keep as keep_tree  # bench/ is on sys.path when a script here runs
+
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "outputs" / "sweeps" / "cpu_structured_table"
 KEPT = ROOT / "bench" / "results" / "sweeps" / "cpu_structured_table"
@@ -38,15 +40,8 @@ def run_dir(job: list[str]) -> Path:
     return SWEEP / ",".join(sorted(job))  # evoexp names a sweep job's dir after its sorted overrides
 
 
-def done(job: list[str]) -> bool:
-    try:
-        return '"status": "done"' in (run_dir(job) / "result.json").read_text()
-    except OSError:
-        return False
-
-
 def keep(src: Path, dest: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "bench" / "keep_runs.py"), str(src), str(dest)], check=True)
+    print("kept:", keep_tree(src, dest, 5 * 2**20), flush=True)
 
 
 def launch(job: list[str], log_dir: Path) -> subprocess.Popen:
@@ -78,7 +73,7 @@ def main() -> int:
         keep(KEPT, SWEEP)
     log_dir = ROOT / "outputs" / "bench" / "cpu_structured_table_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    todo = [j for j in queue(args.only_target) if not done(j)]
+    todo = [j for j in queue(args.only_target) if not finished(run_dir(j))]
     running: list[tuple[list[str], subprocess.Popen]] = []
     while todo or running:
         if stop is not None and dt.datetime.now(dt.timezone.utc) >= stop:
