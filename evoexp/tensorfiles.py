@@ -1,15 +1,20 @@
 """safetensors files that carry a sha256 of their own bytes, so that truncation and bit flips are caught when
-they are read back (database layers, token caches): `save_safetensors` writes one, `check_safetensors` checks it."""
+they are read back (database layers, token caches): `save_safetensors` writes one, `check_safetensors` checks it,
+`load_cached` reads a cache file back or says why it is to be computed again."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from evoexp.utils import DamagedFile, atomic_path, near_miss
+
+log = logging.getLogger(__name__)
 
 ST_DIGEST_KEY = "evoexp_sha256"
 
@@ -83,3 +88,19 @@ def check_safetensors(path: str | os.PathLike, what_to_do: str | None = None) ->
             raise DamagedFile(path, "the content does not match the digest recorded when it was written",
                               what_to_do)
     return True
+
+
+def load_cached(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file written by `save_safetensors` and unchanged since; None, with a log line naming
+    the file and `what` is done instead (e.g. "tokenizing again"), when it is missing, was written without a
+    digest (an older evoexp) or is damaged: a cache is always recomputable, so damage costs time, never a result."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        if check_safetensors(path):
+            return load_file(str(path))
+        log.info("%s: written without a digest (an older evoexp); %s", path, what)
+    except DamagedFile as ex:
+        log.warning("%s: damaged (%s); %s", path, ex.why, what)
+    return None

@@ -376,6 +376,29 @@ def test_token_cache_damage_is_tokenized_again_to_the_same_ids(tiny, tmp_path, m
     assert st_content(path) == content
 
 
+def test_load_cached_returns_only_intact_files_and_says_what_is_recomputed(tmp_path, caplog):
+    """The one reader of every safetensors cache (tokens, teacher states, activation norms)."""
+    from safetensors.torch import save_file
+
+    from evoexp.tensorfiles import load_cached, save_safetensors
+
+    path, stored = tmp_path / "c.safetensors", {"x": torch.arange(64, dtype=torch.float32)}
+    assert load_cached(path, "computing x again") is None  # missing: silently computed
+    save_safetensors(stored, path)
+    assert torch.equal(load_cached(path, "computing x again")["x"], stored["x"])
+    pristine = path.read_bytes()
+    for damage, level in ((lambda: flip_bit(path, st_data_offset(path), bit=3), "WARNING"),
+                          (lambda: truncate(path, 0.9), "WARNING"),
+                          (lambda: save_file(stored, str(path)), "INFO")):  # written before digests
+        path.write_bytes(pristine)
+        damage()
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            assert load_cached(path, "computing x again") is None
+        assert [r.levelname for r in caplog.records] == [level], caplog.text
+        assert caplog.text.count(f"{path}: ") == 1 and "computing x again" in caplog.text
+
+
 def test_damaged_dense_ppl_and_token_caches_give_the_same_figure(tmp_path):
     env = {"EVOEXP_CACHE": str(tmp_path / "cache")}
     args = ["model=tiny", "method=dense", "search=none", "eval.windows=2", "logger=none", "resume=false",

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors.torch import load_file
 
 from evoexp.data.sources import read_text
 from evoexp.errors import UserError
-from evoexp.tensorfiles import check_safetensors, save_safetensors
-from evoexp.utils import DamagedFile, cache_root, stable_hash
+from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.utils import cache_root, stable_hash
 
-log = logging.getLogger(__name__)
 # Texts above this size are tokenized in pieces split at blank lines (whole-text tokenization of wikitext-2 is
 # the reference protocol and stays whole).
 WHOLE_TEXT_LIMIT = 64 << 20
@@ -45,18 +42,8 @@ def load_tokens(spec: str, tokenizer, jsonl_field: str = "text") -> TokenStream:
 
 
 def _cached_tokens(path) -> torch.Tensor | None:
-    """The cached token ids, or None (computed again) when there are none, or they are damaged or were written
-    before the cache carried a digest."""
-    if not path.exists():
-        return None
-    try:
-        if not check_safetensors(path):
-            log.info("%s: token cache without a digest (an older evoexp); tokenizing again", path)
-            return None
-        return load_file(path)["tokens"].long()
-    except DamagedFile as ex:
-        log.warning("%s: damaged (%s); tokenizing again", path, ex.why)
-        return None
+    cached = load_cached(path, "tokenizing again")
+    return None if cached is None else cached["tokens"].long()
 
 
 def _tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from typing import Callable, ContextManager
 
 import torch
-from safetensors.torch import load_file
 
 from evoexp.blockrun import BlockRunner
 from evoexp.config import DatabaseCfg
@@ -21,8 +20,8 @@ from evoexp.database.store import Database, DatabaseSpec
 from evoexp.errors import Stop, UserError
 from evoexp.solvers.capture import activation_norms
 from evoexp.solvers.registry import solver_class
-from evoexp.tensorfiles import check_safetensors, save_safetensors
-from evoexp.utils import DamagedFile, cache_root, stable_hash
+from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.utils import cache_root, stable_hash
 
 log = logging.getLogger(__name__)
 Calibration = tuple[torch.Tensor, WindowProtocol]
@@ -146,21 +145,11 @@ class DatabaseProvider:
         key = stable_hash({"model": self.fingerprint, "calibration": proto.as_dict(), "dtype": self.compute_dtype,
                            "batch": self.cfg.batch})
         path = cache_root() / "act_norms" / f"{self.model_name}-{key}.safetensors"
-        if path.exists() and intact(path):
-            return load_file(str(path))
+        cached = load_cached(path, "recomputing the activation norms")
+        if cached is not None:
+            return cached
         self.dense()
         norms = activation_norms(runner, windows, self.cfg.batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({k: v.contiguous() for k, v in norms.items()}, path)
         return norms
-
-
-def intact(path) -> bool:
-    """A cache file written with its digest and unchanged since; anything else is recomputed (with a warning)."""
-    try:
-        if check_safetensors(path):
-            return True
-        log.warning("%s: written without a digest; recomputing it", path)
-    except DamagedFile as ex:
-        log.warning("%s; recomputing it", ex)
-    return False

@@ -15,12 +15,10 @@ drawn with seed `data.seed + 2`.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 
 from evoexp.config import TrainCfg
 from evoexp.data import calibration_windows, load_tokens
@@ -28,13 +26,12 @@ from evoexp.eval import evaluate_ppl, evaluate_zeroshot
 from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.recipes.contract import ModelEval, RecipeContext
 from evoexp.recipes.darwinlm import trained_parameters
-from evoexp.tensorfiles import check_safetensors, save_safetensors
+from evoexp.tensorfiles import load_cached, save_safetensors
 from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
-from evoexp.utils import DamagedFile, cache_root, stable_hash
+from evoexp.utils import cache_root, stable_hash
 
 TRAIN_DATA_SEED = 2  # offset of data.seed for the post-training windows
 TEACHER_VERSION = 1  # bump when teacher_states computes something else, so cached states are not reused
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,14 +65,9 @@ def cached_teacher_states(ctx: RecipeContext, hidden: Callable, windows: torch.T
     key = stable_hash({"model": ctx.loaded.fingerprint, "dtype": ctx.rc.dtype.value, "version": TEACHER_VERSION,
                        "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()})
     path = cache_root() / "teacher_states" / f"{key}.safetensors"
-    try:
-        if path.exists() and check_safetensors(path):
-            states = load_file(path)["hidden"]
-            if states.shape[:2] == windows.shape:
-                return states
-        log.info("%s: no usable teacher states there; computing them", path)
-    except DamagedFile as ex:
-        log.warning("%s: damaged (%s); computing the teacher states again", path, ex.why)
+    cached = load_cached(path, "computing the teacher states again")
+    if cached is not None and cached["hidden"].shape[:2] == windows.shape:
+        return cached["hidden"]
     states = teacher_states(hidden, windows)
     save_safetensors({"hidden": states}, path, metadata={"model": ctx.loaded.fingerprint})
     return states
