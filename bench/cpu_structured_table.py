@@ -23,12 +23,15 @@ from pathlib import Path
 
 from keep_runs import finished, keep as keep_tree  # bench/ is on sys.path when a script here runs
 
+from evoexp.utils import cache_root, read_cached_json
+
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "outputs" / "sweeps" / "cpu_structured_table"
 KEPT = ROOT / "bench" / "results" / "sweeps" / "cpu_structured_table"
 SEARCHES = ["darwinlm_cpu", "uniform", "evopress_darwinlm_cpu", "bonsai_cpu", "bonsai_prior_cpu",
             "bonsai_random_cpu"]
 FIXED = ["experiment=cpu_structured_table", "dtype=float32"]
+NEEDS_DATABASE = {"darwinlm_cpu", "uniform", "evopress_darwinlm_cpu"}  # the rest (Bonsai's) use none
 
 
 def queue(targets: list[float]) -> list[list[str]]:
@@ -38,6 +41,23 @@ def queue(targets: list[float]) -> list[list[str]]:
 
 def run_dir(job: list[str]) -> Path:
     return SWEEP / ",".join(sorted(job))  # evoexp names a sweep job's dir after its sorted overrides
+
+
+def database_ready() -> bool:
+    """A complete ZipLM database of the embedded model is in the cache: every job that uses one shares it."""
+    for manifest in (cache_root() / "databases").glob("smollm2_135m-structured-ziplm-*/manifest.json"):
+        stored = read_cached_json(manifest)
+        if isinstance(stored, dict) and stored.get("complete"):
+            return True
+    return False
+
+
+def next_job(todo: list[list[str]], running: list[list[str]]) -> list[str] | None:
+    """The first job that may start: while the shared database is being built by a running job, the other lanes
+    take jobs that do not need it (two lanes building the same database would each take the whole build)."""
+    needs = lambda job: any(f"search={s}" in job for s in NEEDS_DATABASE)  # noqa: E731
+    building = any(needs(job) for job in running) and not database_ready()
+    return next((job for job in todo if not (building and needs(job))), None)
 
 
 def keep(src: Path, dest: Path) -> None:
@@ -83,8 +103,11 @@ def main() -> int:
                 p.wait()
             print("stopped at", args.stop_at, "with", len(todo) + len(running), "jobs left", flush=True)
             break
-        while todo and len(running) < args.lanes:
-            job = todo.pop(0)
+        while len(running) < args.lanes:
+            job = next_job(todo, [j for j, _ in running])
+            if job is None:
+                break
+            todo.remove(job)
             running.append((job, launch(job, log_dir)))
         time.sleep(5)
         for job, p in [r for r in running if r[1].poll() is not None]:

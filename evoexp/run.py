@@ -34,6 +34,7 @@ from evoexp.report.figures import write_figures
 from evoexp.report.results import FinishedRun, read_run
 from evoexp.report.summary import print_summary
 from evoexp.tracking import Tracker
+from evoexp.train.lora import adapted_layers
 from evoexp.timings import TIMINGS, record_step, run_totals
 from evoexp.utils import git_sha, read_json, versions, write_json
 
@@ -196,6 +197,8 @@ class Job:
             for spec in rc.eval.datasets:
                 eval_windows(load_tokens(spec, loaded.tokenizer), loaded.tokenizer, rc.eval.seq_len,
                              rc.eval.windows, rc.eval.bos)
+        if rc.train.kind != "none" and rc.train.lora.rank:  # as for the text: a layer name it lacks fails now
+            adapted_layers(loaded.adapter, rc.train.lora.targets)
         outcome = self.recipe_class(RecipeContext(rc, loaded, self.out_dir, self.tracker, self.timed)).run()
         found = outcome.found_model
         metrics = {"ppl": found.ppl or {}} if found.ppl is not None or outcome.compared else {}

@@ -221,6 +221,13 @@ CASES = [
     ([*STRUCT, "train=finetune", "train.schedule=step"], {}, "train.schedule: expected one of cosine, linear, "
                                                              "constant, got 'step'"),
     ([*STRUCT, "train.kind=lora"], {}, "train: expected one of none, finetune, distill, got 'lora'"),
+    ([*SPARSE, "train=finetune", "train.lora.rank=8"], {}, "train.lora.rank: a LoRA update is dense and cannot keep "
+                                                           "a method=sparse model's zeros; use train.lora.rank=0"),
+    ([*STRUCT, "train=distill", "train.lora.rank=-1"], {}, "train.lora.rank: expected >= 0, got -1"),
+    ([*STRUCT, "train=distill", "train.lora.rank=8", "train.lora.alpha=0"], {},
+     "train.lora.alpha: expected > 0, got 0"),
+    ([*DROP, "train=finetune", "train.lora.rank=8", "train.lora.dropout=1"], {},
+     "train.lora.dropout: expected a probability in [0, 1), got 1"),
     # --- search=bonsai -------------------------------------------------------------------------------------------
     ([*BONSAI, "search.prune_frac=0.5"], {}, "search.prune_frac: expected a fraction in (0, 0.5) (each round's "
                                               "candidates are 2 x prune_frac), got 0.5"),
@@ -288,6 +295,9 @@ AFTER_LOAD_CASES = [
     # what whole heads can remove is counted in the loaded model's parameters (biases and norms included)
     ([*STRUCT, "method.target=0.7"], {},
      "method.target: 0.7 removes 69,632 attn parameters, more than the removable heads hold (65,536"),
+    ([*STRUCT, "train=distill", "train.lora.rank=4", "train.lora.targets=[q_proj,qkv_proj]"], {},
+     "train.lora.targets: qkv_proj is not a linear layer of this model's blocks (it has down_proj, gate_proj, "
+     "k_proj, o_proj, q_proj, up_proj, v_proj)"),
 ]
 
 

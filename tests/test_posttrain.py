@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from evoexp.blockrun import BlockRunner
+from evoexp.recipes.posttrain import student_hidden
 from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
 
 
@@ -35,12 +36,20 @@ def pruned(tiny):
     return masks
 
 
+def zero_where_pruned(masks) -> bool:
+    return all(float(w.detach()[:, ~k[0]].abs().sum()) == 0 for w, k in masks.items())
+
+
 def trainer(tiny, out_dir, masks, kind="finetune", log_fn=None, teacher=None, **kw):
     s = PostTrainSettings(kind=kind, tokens=12 * 2 * 32, batch=2, lr=1e-3, checkpoint_every=5, **kw)
-    runner = BlockRunner(tiny.adapter)
-    hidden = lambda ids: runner.final(runner.run(runner.embed(ids), 0))  # noqa: E731
-    return PostTrainer(tiny.model, block_params(tiny), windows(), s, masks, out_dir, hidden_of=hidden,
-                       head=tiny.adapter.lm_head, teacher_hidden=teacher, log_fn=log_fn)
+    return PostTrainer(tiny.model, block_params(tiny), windows(), s, masks, out_dir,
+                       hidden_of=student_hidden(tiny.adapter), head=tiny.adapter.lm_head, teacher_hidden=teacher,
+                       log_fn=log_fn)
+
+
+def dense_teacher(tiny):
+    runner = BlockRunner(tiny.adapter)  # as the recipe computes it: block by block, in inference mode
+    return teacher_states(lambda ids: runner.final(runner.run(runner.embed(ids), 0)), windows())
 
 
 def test_finetuning_keeps_pruned_columns_zero_and_lowers_the_loss(model, tmp_path):
@@ -77,11 +86,43 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(model, tmp_path):
 
 
 def test_distillation_from_the_dense_model_starts_at_zero_kl(model, tmp_path):
-    runner = BlockRunner(model.adapter)
-    teacher = teacher_states(lambda ids: runner.final(runner.run(runner.embed(ids), 0)), windows())
-    out = trainer(model, tmp_path, {}, kind="distill", teacher=teacher, ce_weight=0.5).run()
+    out = trainer(model, tmp_path, {}, kind="distill", teacher=dense_teacher(model), ce_weight=0.5).run()
     first = out["history"][0]
     assert first["kl"] < 1e-3 and first["ce"] > 1 and first["loss"] == pytest.approx(first["kl"] + 0.5 * first["ce"])
+
+
+def test_distillation_trains_every_block_and_keeps_pruned_columns_zero(model, tmp_path):
+    """The student's states come with gradients: every decoder block's weights move, not only the final norm (a
+    student computed block by block in inference mode trained the final norm alone). The random tiny model's
+    pruned logits are already near the teacher's, so the KL is not asserted to fall here (the embedded model's
+    table shows it does)."""
+    teacher = dense_teacher(model)
+    masks = pruned(model)
+    start = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    out = trainer(model, tmp_path, masks, kind="distill", teacher=teacher).run()
+    assert out["history"][0]["kl"] > 0
+    moved = {n for n, p in model.model.named_parameters() if not torch.equal(p.detach(), start[n])}
+    for i, block in enumerate(model.adapter.blocks):
+        names = [n for n, p in model.model.named_parameters() if any(p is q for q in block.parameters())]
+        assert set(names) <= moved, f"block {i}: {sorted(set(names) - moved)} did not train"
+    assert not any(n.startswith(("model.embed_tokens", "lm_head")) for n in moved)
+    assert zero_where_pruned(masks)
+
+
+def test_a_checkpoint_of_another_training_version_is_trained_again(model, tmp_path, caplog):
+    from evoexp.train.posttrain import CHECKPOINT
+
+    start = {k: v.clone() for k, v in model.model.state_dict().items()}
+    full = trainer(model, tmp_path / "full", {}).run()
+    model.model.load_state_dict(start)
+    trainer(model, tmp_path / "old", {}).run()
+    state = torch.load(tmp_path / "old" / CHECKPOINT, weights_only=False)
+    del state["version"]  # as version 1 wrote it
+    torch.save(state, tmp_path / "old" / CHECKPOINT)
+    model.model.load_state_dict(start)
+    again = trainer(model, tmp_path / "old", {}).run()
+    assert "training from the start" in caplog.text
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in full["history"]]
 
 
 def test_teacher_states_are_cached_checked_and_recomputed_when_damaged(model, tmp_path, monkeypatch, caplog):

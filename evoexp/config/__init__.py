@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from evoexp.config.methods import (DenseMethodCfg, DropMethodCfg, MethodCfg, QuantMethodCfg, SparseMethodCfg,
                                    StructuredMethodCfg)
 from evoexp.config.run import (DatabaseCfg, DataCfg, Device, DType, EvalCfg, ExportCfg, FitnessCfg, LoggerCfg,
-                               ModelCfg, RunCfg, TinyModelCfg, TrainCfg, ZeroShotCfg)
+                               LoraCfg, ModelCfg, RunCfg, TinyModelCfg, TrainCfg, ZeroShotCfg)
 from evoexp.config.searches import (BonsaiCfg, BruteSearchCfg, DarwinLMCfg, DPSearchCfg, EvoPressCfg, NoSearchCfg,
                                     OwlSearchCfg, RandomSearchCfg, ScoreSearchCfg, StageCfg, TrainStageCfg,
                                     UniformSearchCfg)
@@ -24,7 +24,7 @@ from evoexp.config.solvers import (FistaCfg, GPTQCfg, MagnitudeCfg, RandomCfg, R
 
 __all__ = ["BonsaiCfg", "BruteSearchCfg", "DarwinLMCfg", "DPSearchCfg", "DatabaseCfg", "DataCfg", "DenseMethodCfg",
            "Device", "DType", "DropMethodCfg", "EvalCfg", "EvoPressCfg", "ExportCfg", "FistaCfg",
-           "FitnessCfg", "GPTQCfg", "LoggerCfg", "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg",
+           "FitnessCfg", "GPTQCfg", "LoggerCfg", "LoraCfg", "MagnitudeCfg", "MethodCfg", "ModelCfg", "NoSearchCfg",
            "OPTION_SCHEMAS", "OwlSearchCfg", "QuantMethodCfg", "RTNCfg", "RandomCfg", "RandomSearchCfg",
            "RunCfg", "ScoreSearchCfg", "SparseGPTCfg", "SparseMethodCfg", "StageCfg",
            "StructuredMethodCfg", "TinyModelCfg", "TrainCfg", "TrainStageCfg", "UniformSearchCfg",

@@ -160,6 +160,19 @@ class ExportCfg:
 
 
 @dataclass
+class LoraCfg:
+    """train.lora: train low-rank adapters (peft's LoRA) instead of the whole decoder blocks, merged into the weights
+    when training ends; rank 0 (the default) trains every block parameter."""
+
+    rank: int = 0
+    alpha: Optional[float] = None  # scaling alpha / rank; null: 2 x rank
+    dropout: float = 0.0  # on the adapters' input
+    # which linear layers of the decoder blocks get an adapter, by the last part of their name (q_proj, down_proj,
+    # ...); empty: all of them
+    targets: List[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainCfg:
     """Post-compression training of the found model (train=finetune|distill), evaluated before and after."""
 
@@ -175,6 +188,7 @@ class TrainCfg:
     ce_weight: float = 0.0  # distill only
     checkpoint_every: int = 50  # steps
     seed: Optional[int] = None  # null: the run's seed
+    lora: LoraCfg = field(default_factory=LoraCfg)
 
 
 @dataclass

@@ -54,6 +54,22 @@ def check_train(rc: RunCfg) -> None:
     check_min(t.ce_weight, "train.ce_weight", 0)
     if not 0 <= t.warmup < 1:
         raise UserError(f"train.warmup: expected a fraction of the steps in [0, 1), got {t.warmup}")
+    check_lora(t.lora, method)
+
+
+def check_lora(lora, method: str) -> None:
+    check_min(lora.rank, "train.lora.rank", 0)
+    if not lora.rank:
+        return
+    if method == "sparse":  # B·A is dense: merged, it would fill the pruned entries (masking them after changes it)
+        raise UserError("train.lora.rank: a LoRA update is dense and cannot keep a method=sparse model's zeros; "
+                        "use train.lora.rank=0 (full training with the zeros kept)")
+    if importlib.util.find_spec("peft") is None:
+        raise UserError('train.lora needs peft (pip install "peft>=0.20")')
+    if lora.alpha is not None:
+        check_above(lora.alpha, "train.lora.alpha", 0)
+    if not 0 <= lora.dropout < 1:
+        raise UserError(f"train.lora.dropout: expected a probability in [0, 1), got {lora.dropout}")
 
 
 # --- directories -----------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ stay pruned, what identifies it); `post_train` does the rest the same way for ev
 
 Pruned entries stay pruned: per-level structured layers keep their removed columns at zero (the database's kept
 groups), sparse layers their zeros; dropped sub-blocks are not in the forward, so they get no gradient. The decoder
-blocks and the final norm train; the embeddings and the head stay (distillation reads the teacher's stored hidden
-states through the head). The training text is `train.windows` windows of `train.seq_len` tokens of `data.calib`,
+blocks and the final norm train (or, with `train.lora.rank`, LoRA adapters on the blocks' linear layers, merged
+into them when training ends: evoexp/train/lora.py); the embeddings and the head stay (distillation reads the
+teacher's stored hidden states through the head). The training text is `train.windows` windows of `train.seq_len` tokens of `data.calib`,
 drawn with seed `data.seed + 2`.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.recipes.contract import ModelEval, RecipeContext
 from evoexp.recipes.darwinlm import trained_parameters
 from evoexp.tensorfiles import load_cached, save_safetensors
-from evoexp.train.posttrain import PostTrainer, PostTrainSettings, teacher_states
+from evoexp.train.lora import LoraAdapters, LoraSettings, adapted_layers
+from evoexp.train.posttrain import TRAIN_VERSION, PostTrainer, PostTrainSettings, teacher_states
 from evoexp.utils import cache_root, stable_hash
 
 TRAIN_DATA_SEED = 2  # offset of data.seed for the post-training windows
@@ -83,28 +85,34 @@ def post_train(ctx: RecipeContext, runner, name: str, found: FoundModel,
     s = settings(t, rc.seed)
     windows = train_windows(ctx, t)
 
-    def hidden(ids: torch.Tensor) -> torch.Tensor:
+    def teacher_hidden(ids: torch.Tensor) -> torch.Tensor:  # no gradient needed: block by block, inference mode
         return runner.final(runner.run(runner.embed(ids.to(adapter.embed.weight.device)), 0))
 
     teacher = None
     if t.kind == "distill":
         found.put_dense()
         with ctx.timed("train_teacher"):
-            teacher = cached_teacher_states(ctx, hidden, windows)
+            teacher = cached_teacher_states(ctx, teacher_hidden, windows)
     found.put()
     details = found.details()  # measured on the one-shot weights: training keeps what is pruned pruned
     params = trained_parameters(adapter)
-    saved = [p.detach().clone() for p in params]
-    trainer = PostTrainer(adapter.model, params, windows, s, found.masks(), ctx.out_dir / "train",
-                          hidden_of=hidden, head=adapter.lm_head, teacher_hidden=teacher,
-                          log_fn=lambda r: ctx.tracker.log({"train": r}))
+    saved = [p.detach().clone() for p in params]  # a LoRA merge changes them too
+    lora = lora_settings(t)
     try:
-        with ctx.timed("train"):
-            record = trainer.run()
-        entry = ModelEval(details={**details, "train": {**asdict(s), "steps": record["steps"],
+        with trained_set(ctx, lora, params, found.masks(), s.seed) as trained:
+            trainer = PostTrainer(adapter.model, trained.params, windows, s, trained.masks, ctx.out_dir / "train",
+                                  hidden_of=student_hidden(adapter), head=adapter.lm_head, teacher_hidden=teacher,
+                                  log_fn=lambda r: ctx.tracker.log({"train": r}),
+                                  identity=lora.record() if lora else None)
+            with ctx.timed("train"):
+                record = trainer.run()
+            trained.merge()
+        extra = {"lora": lora.record()} if lora else {}
+        entry = ModelEval(details={**details, "train": {**asdict(s), **extra, "steps": record["steps"],
                                                               "tokens": record["tokens"],
                                                               "final_loss": record["history"][-1]["loss"]}})
-        evaluate_trained(ctx, name, entry, ["trained", *found.identity, asdict(s), list(windows.shape)])
+        evaluate_trained(ctx, name, entry, ["trained", TRAIN_VERSION, *found.identity, asdict(s),
+                                            list(windows.shape), *extra.values()])
         if while_trained is not None:
             while_trained(entry)
     finally:
@@ -113,6 +121,44 @@ def post_train(ctx: RecipeContext, runner, name: str, found: FoundModel,
                 p.copy_(v)
         found.put_dense()
     return entry
+
+
+def student_hidden(adapter) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The trained model's final (normed) hidden states, with autograd: the model's own forward, which takes its
+    compressed state as the recipes put it (masked columns, skipped sub-blocks). Not BlockRunner.run: it runs in
+    inference mode, so the blocks would get no gradient and only the final norm would train."""
+    def hidden(ids: torch.Tensor) -> torch.Tensor:
+        return adapter.body(input_ids=ids.to(adapter.embed.weight.device), use_cache=False).last_hidden_state
+    return hidden
+
+
+def lora_settings(t: TrainCfg) -> LoraSettings | None:
+    lora = t.lora
+    return LoraSettings(lora.rank, lora.alpha, lora.dropout, list(lora.targets)) if lora.rank else None
+
+
+class FullTraining:
+    """Every parameter of the decoder blocks and the final norm trains (train.lora.rank=0): nothing to merge."""
+
+    def __init__(self, params: list, masks: dict):
+        self.params, self.masks = params, masks
+
+    def merge(self) -> None:
+        pass
+
+    def __enter__(self) -> "FullTraining":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+def trained_set(ctx: RecipeContext, lora: LoraSettings | None, params: list, masks: dict, seed: int):
+    """What trains: the block parameters themselves, or LoRA adapters on the blocks' linear layers."""
+    if lora is None:
+        return FullTraining(params, masks)
+    adapter = ctx.loaded.adapter
+    return LoraAdapters(adapter.model, adapted_layers(adapter, lora.targets), lora, seed, masks)
 
 
 def evaluate_trained(ctx: RecipeContext, name: str, entry: ModelEval, state_id: list) -> None:

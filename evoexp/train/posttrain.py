@@ -7,7 +7,7 @@
 - distill: KL(teacher || student) per token, plus `ce_weight` x next-token loss. The teacher is the dense model's
   final hidden states on the training windows, computed once before compression is applied (`teacher_states`)
   and turned into logits through the head, which stays frozen: one hidden-size vector per token instead of a
-  vocabulary-size one.
+  vocabulary-size one. The student's (`hidden_of`) must run with autograd.
 - Pruned entries stay pruned (`MaskedAdamW`); the parameters trained are the ones given (evoexp: the decoder
   blocks and the final norm).
 - A plain loop (torch AdamW, transformers' warmup + cosine / linear / constant schedules) rather than a trainer
@@ -35,6 +35,9 @@ from evoexp.utils import atomic_path, progress, stable_hash
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+# 2: train=distill trains the decoder blocks (version 1 computed the student through BlockRunner, in inference mode:
+# only the final norm got a gradient); a checkpoint of another version is trained again, not resumed
+TRAIN_VERSION = 2
 
 
 @dataclass
@@ -69,8 +72,11 @@ class PostTrainer:
     def __init__(self, model: nn.Module, params: list[nn.Parameter], windows: torch.Tensor, s: PostTrainSettings,
                  masks: dict[nn.Parameter, torch.Tensor], out_dir: Path,
                  hidden_of: Callable[[torch.Tensor], torch.Tensor] | None = None, head: nn.Module | None = None,
-                 teacher_hidden: torch.Tensor | None = None, log_fn: Callable[[dict], None] | None = None):
-        """`hidden_of(ids)`: the student's final hidden states, and `head`, for distill (with `teacher_hidden`)."""
+                 teacher_hidden: torch.Tensor | None = None, log_fn: Callable[[dict], None] | None = None,
+                 identity: dict | None = None):
+        """`hidden_of(ids)`: the student's final hidden states, and `head`, for distill (with `teacher_hidden`).
+        `identity`: what else decides the trained parameters' values (e.g. LoRA's settings), part of the
+        checkpoint's key."""
         if s.kind not in ("finetune", "distill"):
             raise UserError(f"train: expected none, finetune or distill, got {s.kind!r}")
         self.model, self.params, self.windows, self.s, self.masks = model, params, windows, s, masks
@@ -78,7 +84,7 @@ class PostTrainer:
         self.teacher_hidden, self.log_fn = teacher_hidden, log_fn or (lambda _r: None)
         self.steps = s.steps(windows.shape[1])
         self.key = stable_hash({"settings": asdict(s), "windows": list(windows.shape),
-                                "params": [list(p.shape) for p in params]})
+                                "params": [list(p.shape) for p in params], **({"also": identity} if identity else {})})
 
     # --- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -91,6 +97,8 @@ class PostTrainer:
         if saved is not None:
             step, history, order = saved["step"], saved["history"], saved["order"]
             rng.bit_generator.state = saved["rng"]
+            if "torch_rng" in saved:  # dropout (LoRA's) draws from it
+                torch.set_rng_state(saved["torch_rng"])
             log.info("post-training: resuming at step %d/%d", step, self.steps)
         bar = progress(total=self.steps, initial=step, desc=f"train ({s.kind})", unit="step")
         was_training, t0, seen = self.model.training, time.time(), 0
@@ -100,6 +108,8 @@ class PostTrainer:
                 while step < self.steps:
                     ids = self.windows[order[step]].to(self.params[0].device)
                     loss, parts = self._loss(ids, order[step])
+                    if not loss.requires_grad:
+                        raise RuntimeError("post-training: the loss has no gradient (hidden_of must run with autograd)")
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -151,7 +161,8 @@ class PostTrainer:
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _save(self, opt, sched, step, history, order, rng) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {"key": self.key, "step": step, "history": history, "order": order, "rng": rng.bit_generator.state,
+        state = {"key": self.key, "version": TRAIN_VERSION, "step": step, "history": history, "order": order,
+                 "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                  "params": [p.detach().clone() for p in self.params], "opt": opt.state_dict(),
                  "sched": sched.state_dict()}
         with atomic_path(self.out_dir / CHECKPOINT) as tmp:
@@ -165,6 +176,10 @@ class PostTrainer:
             state = torch.load(path, weights_only=False)
         except Exception as ex:  # noqa: BLE001 - any unreadable file is the same problem for the user
             raise UserError(f"{path}: damaged ({type(ex).__name__}); delete it to train from the start") from ex
+        if isinstance(state, dict) and state.get("version", 1) != TRAIN_VERSION:
+            log.warning("%s: written by another evoexp training (version %s, this is %d): training from the start",
+                        path, state.get("version", 1), TRAIN_VERSION)
+            return None
         if not isinstance(state, dict) or state.get("key") != self.key:
             raise UserError(f"{path}: holds a training with other settings; delete it (or resume=false) to start over")
         with torch.no_grad():
