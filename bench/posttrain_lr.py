@@ -26,7 +26,7 @@ JOB = ["experiment=cpu_structured_table", "search=uniform", "method.target=0.5",
 
 
 def run(lr: float, threads: int) -> dict:
-    run_dir = OUT / f"lr={lr:g}"
+    run_dir = OUT / f"lr_{lr:g}"  # no "=": Hydra reads it in an override
     cmd = [str(Path(sys.executable).with_name("evoexp")), *JOB, f"train.lr={lr:g}", f"threads={threads}",
            f"hydra.run.dir={run_dir}"]
     print(" ".join(cmd[1:]), flush=True)
