@@ -7,6 +7,7 @@ import torch
 from evoexp.errors import UserError
 from evoexp.train.lora import LoraAdapters, LoraSettings, adapted_layers, factor_mask
 from evoexp.train.posttrain import PostTrainer, PostTrainSettings
+from tests.test_posttrain import Killed, kill_at
 
 
 @pytest.fixture()
@@ -118,16 +119,10 @@ def test_a_killed_lora_training_with_dropout_resumes_to_the_uninterrupted_result
     trained = {k: v.clone() for k, v in model.model.state_dict().items()}
     model.model.load_state_dict(start)
 
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        if record["step"] == 7:
-            raise Killed
 
     torch.manual_seed(123)
     with pytest.raises(Killed):
-        train(tmp_path / "killed", kill)
+        train(tmp_path / "killed", kill_at(7))
     model.model.load_state_dict(start)
     torch.manual_seed(456)  # the resuming process's generator is elsewhere: the checkpoint's state is restored
     resumed = train(tmp_path / "killed")

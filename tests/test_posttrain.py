@@ -36,6 +36,18 @@ def pruned(tiny):
     return masks
 
 
+class Killed(Exception):
+    pass
+
+
+def kill_at(step: int):
+    """A log_fn that kills the training after `step` (as kill -9 would, between two checkpoints or at one)."""
+    def kill(record):
+        if record["step"] == step:
+            raise Killed
+    return kill
+
+
 def zero_where_pruned(masks) -> bool:
     return all(float(w.detach()[:, ~k[0]].abs().sum()) == 0 for w, k in masks.items())
 
@@ -68,15 +80,9 @@ def test_a_killed_training_resumes_to_the_uninterrupted_result(model, tmp_path):
     trained = {k: v.clone() for k, v in model.model.state_dict().items()}
     model.model.load_state_dict(start)
 
-    class Killed(Exception):
-        pass
-
-    def kill(record):
-        if record["step"] == 7:
-            raise Killed
 
     with pytest.raises(Killed):
-        trainer(model, tmp_path / "killed", masks, log_fn=kill).run()
+        trainer(model, tmp_path / "killed", masks, log_fn=kill_at(7)).run()
     model.model.load_state_dict(start)  # a new process: the model as the recipe puts it, the checkpoint on disk
     resumed = trainer(model, tmp_path / "killed", masks).run()
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
