@@ -8,7 +8,7 @@ dtype=float32 threads=1`: the same run dir as the full multirun's, so `evoexp-ta
 Before starting, the kept runs are put back into outputs/ (bench/keep_runs.py); after each job, and when stopped,
 they are kept again. `--stop-at HH:MM` (UTC) stops the running jobs with SIGINT at that time (evoexp keeps its
 finished steps) so a session can end cleanly.
-Order: 50 % for seeds 0, 1, 2 (DarwinLM first: the longest), then 20 %.
+Order: 50 % for seeds 0, 1, 2 (DarwinLM first: the longest), then 20 %, EvoPress at 20 % last (`optional`).
 Usage: .venv/bin/python bench/cpu_structured_table.py [--lanes 2] [--stop-at 21:05] [--only-target 0.5]
 """
 from __future__ import annotations
@@ -35,8 +35,15 @@ NEEDS_DATABASE = {"darwinlm_cpu", "uniform", "evopress_darwinlm_cpu"}  # the res
 
 
 def queue(targets: list[float]) -> list[list[str]]:
-    return [[*FIXED, f"seed={seed}", f"search={search}", f"method.target={target:g}"]
+    jobs = [[*FIXED, f"seed={seed}", f"search={search}", f"method.target={target:g}"]
             for target in targets for seed in (0, 1, 2) for search in SEARCHES]
+    return sorted(jobs, key=optional)  # stable: the order above within each group
+
+
+def optional(job: list[str]) -> bool:
+    """EvoPress without training-aware selection is required at 50 % only (issue 34's ablation; issue 35's
+    20 % rows are Bonsai's and its baselines'): at 20 % it runs after every required job."""
+    return "search=evopress_darwinlm_cpu" in job and "method.target=0.2" in job
 
 
 def run_dir(job: list[str]) -> Path:

@@ -122,6 +122,41 @@ class Teacher:
                 self._store(w, h)
         return self
 
+    # --- keeping (a cross-run cache: every job of a table scores against the same targets) ---------------------
+    TARGETS = ("p_head", "neg_entropy", "probs", "top_idx", "top_logp")
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """The built targets by name (none for kind=ppl)."""
+        return {name: getattr(self, name) for name in self.TARGETS if getattr(self, name) is not None}
+
+    def target_bytes(self) -> int:
+        """What the targets would take, to decide before building whether they are worth keeping on disk."""
+        if self.kind == "ppl":
+            return 0
+        n, positions = self.windows.shape[0], self.windows.shape[1] - 1
+        head = self.adapter.lm_head.weight.shape
+        per_position = {"kl": 4 * head[1] + 4 if self.factorised else 2 * head[0] + 4,
+                        "topk_kl": 8 * min(self.topk, head[0])}[self.kind]
+        return n * positions * per_position
+
+    def load(self, targets: dict[str, torch.Tensor]) -> "Teacher":
+        """Targets read back (from `targets()` of a teacher built the same way); raises ValueError when they
+        are not what this teacher would build, so a stale cache entry is rebuilt instead of used."""
+        n, positions = self.windows.shape[0], self.windows.shape[1] - 1
+        want = self._expected_names()
+        if set(targets) != want or any(t.shape[:2] != (n, positions) for t in targets.values()):
+            raise ValueError(f"cached teacher targets {sorted(targets)} do not fit {sorted(want)} on {n} x {positions}")
+        for name, tensor in targets.items():
+            setattr(self, name, tensor)
+        return self
+
+    def _expected_names(self) -> set[str]:
+        if self.kind == "ppl":
+            return set()
+        if self.kind == "kl":
+            return {"p_head", "neg_entropy"} if self.factorised else {"probs", "neg_entropy"}
+        return {"top_idx", "top_logp"}
+
     def _store(self, w: int, hidden: torch.Tensor) -> None:
         for s in range(0, hidden.shape[0], self.chunk):
             logp = F.log_softmax(self.adapter.logits(hidden[s: s + self.chunk]).float(), dim=-1)

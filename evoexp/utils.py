@@ -37,9 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp and safetensors (evoexp/sharing.py) make 0600; as open() would
         os.replace(tmp, path)
     except Exception as ex:
         if no_space(ex) and not isinstance(ex, DiskFull):

@@ -503,3 +503,19 @@ def test_damaged_conversion_of_the_embedded_model_is_converted_again(tmp_path, m
     inode = weights.stat().st_ino
     assert first_window_nll() == clean and len(conversions) == 1
     assert weights.stat().st_ino == inode and read_json(target / "evoexp_source.json")["files"] == recorded
+
+
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """Atomic writes go through a 0600 temp file and safetensors creates its file 0600 anew: the written file
+    still gets 0666 & ~umask, so a cache or database dir shared by a team is readable by the team."""
+    import os
+
+    from evoexp.tensorfiles import save_safetensors
+
+    old = os.umask(0o022)
+    try:
+        save_safetensors({"x": torch.zeros(3)}, tmp_path / "a.safetensors")
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert [oct((tmp_path / n).stat().st_mode & 0o777) for n in ("a.safetensors", "a.json")] == ["0o644"] * 2

@@ -1,4 +1,5 @@
 """The per-level database: compact encodings, hash keys, resumable builds, uniform one-shot runs from the CLI."""
+import os
 import json
 from dataclasses import replace
 
@@ -280,3 +281,26 @@ def test_sharded_build_equals_one_build(tmp_path):
     bad = run_cli(*common, "database.propagation=compressed", "database.shard=[0,2]", f"hydra.run.dir={tmp_path}/b",
                   env=env)
     assert bad.returncode == 2 and "database.shard: blocks can be built apart only with dense" in bad.stderr
+
+
+def test_parallel_jobs_build_a_shared_database_once(tmp_path):
+    """Two jobs of a sweep started together on one cache: one builds the database, the other waits for it and
+    reuses it (instead of building the same one beside it), and both evaluate the same model."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "EVOEXP_CACHE": str(tmp_path / "cache")}
+    common = ["model=tiny", "method=sparse", "search=uniform", "method.target=0.5", "database.windows=32",
+              "eval.windows=2", "logger=none"]
+    procs = [subprocess.Popen([sys.executable, "-m", "evoexp", *common, f"hydra.run.dir={tmp_path}/r{i}"], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    results = [read_json(tmp_path / f"r{i}" / "result.json") for i in range(2)]
+    assert sorted(r["database"]["reused"] for r in results) == [False, True]
+    assert sum("database built" in log for log in logs) == 1 and sum("database reused" in log for log in logs) == 1
+    ppl = [r["models"]["uniform"]["ppl"]["wikitext2:test"]["float32"]["ppl"] for r in results]
+    assert ppl[0] == ppl[1]

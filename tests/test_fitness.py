@@ -115,3 +115,55 @@ def test_kl_with_softcapped_logits_keeps_probabilities():
         logp = F.log_softmax(model(windows).logits[:, :-1].double(), -1)
         logq = F.log_softmax(adapter.logits(hidden)[:, :-1].double(), -1)
     assert total / count == pytest.approx((logp.exp() * (logp - logq)).sum(-1).mean().item(), rel=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["kl", "topk_kl"])
+def test_teacher_targets_are_cached_per_settings_and_rebuilt_when_damaged(setup, kind, tmp_path, monkeypatch, caplog):
+    """build_teacher keeps a run's targets in the cache: the next job reads them back (no dense pass) and scores
+    exactly as with built ones; other windows or settings make another entry, and a damaged file is rebuilt."""
+    from types import SimpleNamespace
+
+    from evoexp.recipes.common import build_teacher
+
+    tiny, runner, windows = setup
+    monkeypatch.setenv("EVOEXP_CACHE", str(tmp_path))
+    caplog.set_level("INFO", logger="evoexp")
+    passes = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(runner, name)
+
+        def run(self, *args, **kw):
+            passes.append(1)
+            return runner.run(*args, **kw)
+
+    def ctx(topk=7, max_gb=8.0):
+        fitness = SimpleNamespace(kind=kind, topk=topk, chunk_tokens=2048, max_memory_gb=max_gb)
+        return SimpleNamespace(loaded=SimpleNamespace(adapter=tiny.adapter, fingerprint="tiny:test"),
+                               rc=SimpleNamespace(fitness=fitness, dtype=SimpleNamespace(value="float32")),
+                               out_dir=tmp_path / "run")
+
+    hidden = student_hidden(tiny, runner, windows[[0, 2]])
+    built = build_teacher(ctx(), windows, Counting())
+    assert len(passes) == 1
+    again = build_teacher(ctx(), windows, Counting())
+    assert len(passes) == 1 and "read back" in caplog.text
+    assert all(torch.equal(again.targets()[k], v) for k, v in built.targets().items())
+    assert again.loss_sum(hidden, [0, 2], 24) == built.loss_sum(hidden, [0, 2], 24)
+    build_teacher(ctx(), windows[:, :16], Counting())  # other windows: another entry
+    if kind == "topk_kl":
+        build_teacher(ctx(topk=5), windows, Counting())  # another support size: another entry
+    entries = sorted((tmp_path / "fitness_targets").iterdir())
+    assert len(passes) == len(entries) == (3 if kind == "topk_kl" else 2)
+    small = build_teacher(ctx(max_gb=1e-9), windows, Counting())  # memory-mapped size: not kept
+    assert len(passes) == len(entries) + 1 and len(list((tmp_path / "fitness_targets").iterdir())) == len(entries)
+    assert small.loss_sum(hidden, [0, 2], 24) == built.loss_sum(hidden, [0, 2], 24)
+    path = max(entries, key=lambda p: p.stat().st_size)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    count = len(passes)
+    redone = build_teacher(ctx(), windows, Counting())
+    assert len(passes) == count + 1 and "damaged" in caplog.text
+    assert redone.loss_sum(hidden, [0, 2], 24) == built.loss_sum(hidden, [0, 2], 24)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "evoexp"
 
 LAYERS = [
-    ("errors", "utils", "tensorfiles"),  # foundations: no evoexp imports besides each other
+    ("errors", "utils", "tensorfiles", "sharing"),  # foundations: no evoexp imports besides each other
     ("config",),                    # typed config schemas
     ("models",),                    # loading, the architecture adapter, the applier contract
     ("data",),                      # text sources, tokens, windows

@@ -259,6 +259,8 @@ def test_checkpoint_loads_with_plain_transformers_and_with_evoexp(tmp_path):
     want = masked_logits(model, UNEVEN, x)
     out = save_shrunk(model, UNEVEN, tmp_path / "ckpt", tokenizer=byte_tokenizer())
     config = json.loads((out / "config.json").read_text())
+    # readable as its config is (safetensors writes 0600 whatever the umask, safetensors/safetensors#782)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
     assert config["model_type"] == MODEL_TYPE == EvoexpHeteroConfig.model_type and "auto_map" in config
     meta = json.loads((out / META_FILE).read_text())
     assert meta["dense_params"] - meta["params"] == meta["removed_params"]

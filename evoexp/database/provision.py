@@ -21,6 +21,7 @@ from evoexp.errors import Stop, UserError
 from evoexp.solvers.capture import activation_norms
 from evoexp.solvers.registry import solver_class
 from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.sharing import exclusive
 from evoexp.utils import cache_root, stable_hash
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,18 @@ class DatabaseProvider:
             return self.databases[spec.key]
         label = "-".join(x for x in (self.model_name, self.method.kind, self.solver.kind, label_extra) if x)
         db = Database(self.cfg.dir or cache_root() / "databases", spec, label=label)
-        self.reused[db.key] = db.complete
-        if db.complete:
-            log.info("database reused: %s", db.path)
+        if not db.complete:
+            # parallel jobs of a sweep need the same database: one builds it, the others wait and reuse it
+            # (a shard locks only its own blocks: shards are built side by side on purpose)
+            shard = f".shard{self.cfg.shard[0]}" if self.cfg.shard else ""
+            with exclusive(db.path / f".build{shard}.lock", f"building {db.path.name}"):
+                self.reused[db.key] = db.complete  # another process may have finished it while this one waited
+                if not db.complete:
+                    self.build(db, windows, label_extra)
         else:
-            self.build(db, windows, label_extra)
+            self.reused[db.key] = True
+        if self.reused[db.key]:
+            log.info("database reused: %s", db.path)
         self.databases[spec.key] = db
         return db
 

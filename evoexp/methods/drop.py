@@ -36,6 +36,7 @@ from torch import nn
 from evoexp.errors import UserError
 from evoexp.models.adapter import CACHE_KWARGS, DecoderAdapter
 from evoexp.models.applier import Applier
+from evoexp.sharing import umask_permissions
 
 LINES = {(False, False): "none", (True, False): "attn", (False, True): "mlp", (True, True): "attn+mlp"}
 PARSE = {line: pair for pair, line in LINES.items()}
@@ -283,6 +284,7 @@ def export_dropped(model, tokenizer, cfg: DropConfig, out_dir: str | Path) -> Pa
     _remove_blocks(out, copy_blocks, cfg.kept_blocks())
     out_dir = Path(out_dir)
     out.save_pretrained(out_dir)
+    umask_permissions(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     meta = {"format": FORMAT_VERSION, "drop": cfg.to_dict(), "original_num_hidden_layers": cfg.num_blocks,

@@ -25,6 +25,7 @@ import torch
 
 from evoexp import __version__
 from evoexp.errors import UserError
+from evoexp.sharing import umask_permissions
 from evoexp.utils import write_json
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def export_allocation(model, tokenizer, alloc, allocation: dict, card: str, fmt:
         tokenizer.save_pretrained(out)
     write_json(out / "allocation.json", allocation, digest=False)  # shipped with the model: plain JSON
     (out / "README.md").write_text(card)
+    umask_permissions(out)
     log.info("exported %s to %s", fmt, out)
     return out
 

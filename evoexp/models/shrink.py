@@ -29,6 +29,7 @@ from evoexp.errors import UserError
 from evoexp.models.adapter import DecoderAdapter
 from evoexp.models.heads import BlockGeometry, BlockState, StructuredState, geometry, masked_weights, removed_params
 from evoexp.models.hetero import AUTO_MAP, FILES, MODEL_TYPE, configuration, modeling, register
+from evoexp.sharing import umask_permissions
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", MODEL_TYPE)  # a shrunk model can shrink further
 META_FILE = "evoexp_structured.json"
@@ -188,6 +189,7 @@ def save_shrunk(model: nn.Module, state: StructuredState, out_dir: str | Path, t
     out.config.auto_map = dict(AUTO_MAP)
     out_dir = Path(out_dir)
     out.save_pretrained(out_dir)
+    umask_permissions(out_dir)
     for f in FILES:
         shutil.copyfile(f, out_dir / f.name)
     if tokenizer is not None:

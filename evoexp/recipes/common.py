@@ -2,6 +2,8 @@
 per-generation logger and the report loop that scores and evaluates each model a run compares."""
 from __future__ import annotations
 
+import hashlib
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -17,9 +19,14 @@ from evoexp.recipes.contract import MetricSink, ModelEval, RecipeContext
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.evopress import EvoPress, EvoPressSettings, SearchResult, Stage
 from evoexp.search.space import LevelSpace
+from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.utils import cache_root, stable_hash
+
+log = logging.getLogger(__name__)
 
 # Seed offsets of the run's random streams, so that each one-off draw is the same whatever ran before it.
 REPORT_SEED = 2  # the fixed minibatch every model's reported fitness is taken on
+FITNESS_TARGETS_VERSION = 1  # bump when Teacher.build computes something else, so cached targets are not reused
 
 
 def rng_for(ctx: RecipeContext, offset: int) -> np.random.Generator:
@@ -34,10 +41,32 @@ def calibration(ctx: RecipeContext, seq_len: int, windows: int) -> tuple[torch.T
 
 
 def build_teacher(ctx: RecipeContext, windows: torch.Tensor, runner: BlockRunner) -> Teacher:
-    """The dense model's targets on the calibration windows, as the run's fitness config asks for them."""
+    """The dense model's targets on the calibration windows, as the run's fitness config asks for them. Targets
+    that fit in memory are kept in the cache, per (weights, dtype, device, windows, fitness settings): every job
+    of a sweep scores against the same ones, and building them is a dense pass plus a head matmul per token
+    (minutes per job on a CPU). Larger ones are memory-mapped in the run dir and built each run."""
     f = ctx.rc.fitness
-    return Teacher(ctx.loaded.adapter, windows, f.kind, f.topk, f.chunk_tokens, f.max_memory_gb,
-                   ctx.out_dir).build(runner)
+    teacher = Teacher(ctx.loaded.adapter, windows, f.kind, f.topk, f.chunk_tokens, f.max_memory_gb, ctx.out_dir)
+    if f.kind == "ppl" or teacher.target_bytes() > f.max_memory_gb * 2**30:
+        return teacher.build(runner)
+    device = next(ctx.loaded.adapter.model.parameters()).device
+    key = stable_hash({"model": ctx.loaded.fingerprint, "dtype": ctx.rc.dtype.value, "device": device.type,
+                       "version": FITNESS_TARGETS_VERSION, "kind": f.kind, "factorised": teacher.factorised,
+                       "topk": f.topk if f.kind == "topk_kl" else None, "chunk": f.chunk_tokens,
+                       "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()})
+    path = cache_root() / "fitness_targets" / f"{key}.safetensors"
+    cached = load_cached(path, "building the teacher's targets again")
+    if cached is not None:
+        try:
+            teacher.load(cached)
+            log.info("teacher targets read back from %s", path)
+            return teacher
+        except ValueError as ex:
+            log.warning("%s: %s; building them again", path, ex)
+    teacher.build(runner)
+    save_safetensors({k: v.contiguous() for k, v in teacher.targets().items()}, path,
+                     metadata={"model": ctx.loaded.fingerprint, "kind": f.kind})
+    return teacher
 
 
 def capped_minibatch(teacher: Teacher, tokens: int, rng: np.random.Generator) -> Minibatch:
