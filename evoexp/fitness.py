@@ -102,18 +102,9 @@ class Teacher:
     def build(self, runner, batch: int = 8) -> "Teacher":
         if self.kind == "ppl":
             return self
-        n, length = self.windows.shape
-        positions, vocab = length - 1, self.adapter.lm_head.weight.shape[0]
-        if self.kind == "kl" and self.factorised:
-            self.p_head = self._alloc("p_head", (n, positions, self.adapter.lm_head.weight.shape[1]), np.float32)
-            self.neg_entropy = torch.empty((n, positions), dtype=torch.float32)
-        elif self.kind == "kl":
-            self.probs = self._alloc("probs", (n, positions, vocab), np.float16)
-            self.neg_entropy = torch.empty((n, positions), dtype=torch.float32)
-        else:
-            k = min(self.topk, vocab)
-            self.top_idx = self._alloc("top_idx", (n, positions, k), np.int32)
-            self.top_logp = self._alloc("top_logp", (n, positions, k), np.float32)
+        for name, (shape, dtype) in self._layout().items():
+            setattr(self, name, self._alloc(name, shape, dtype))
+        n = self.windows.shape[0]
         device = next(self.adapter.model.parameters()).device
         for w0 in progress(range(0, n, batch), desc=f"teacher ({self.kind})", unit="batch"):
             ids = self.windows[w0: w0 + batch].to(device)
@@ -122,40 +113,36 @@ class Teacher:
                 self._store(w, h)
         return self
 
-    # --- keeping (a cross-run cache: every job of a table scores against the same targets) ---------------------
-    TARGETS = ("p_head", "neg_entropy", "probs", "top_idx", "top_logp")
+    def _layout(self) -> dict[str, tuple[tuple, type]]:
+        """The targets this teacher keeps, {name: (shape, dtype)}: none for kind=ppl."""
+        if self.kind == "ppl":
+            return {}
+        n, positions = self.windows.shape[0], self.windows.shape[1] - 1
+        vocab, width = self.adapter.lm_head.weight.shape
+        if self.kind == "kl":
+            name, row, dtype = ("p_head", width, np.float32) if self.factorised else ("probs", vocab, np.float16)
+            return {name: ((n, positions, row), dtype), "neg_entropy": ((n, positions), np.float32)}
+        k = min(self.topk, vocab)
+        return {"top_idx": ((n, positions, k), np.int32), "top_logp": ((n, positions, k), np.float32)}
 
+    # --- keeping (a cross-run cache: every job of a table scores against the same targets) ---------------------
     def targets(self) -> dict[str, torch.Tensor]:
-        """The built targets by name (none for kind=ppl)."""
-        return {name: getattr(self, name) for name in self.TARGETS if getattr(self, name) is not None}
+        """The built targets by name."""
+        return {name: getattr(self, name) for name in self._layout()}
 
     def target_bytes(self) -> int:
-        """What the targets would take, to decide before building whether they are worth keeping on disk."""
-        if self.kind == "ppl":
-            return 0
-        n, positions = self.windows.shape[0], self.windows.shape[1] - 1
-        head = self.adapter.lm_head.weight.shape
-        per_position = {"kl": 4 * head[1] + 4 if self.factorised else 2 * head[0] + 4,
-                        "topk_kl": 8 * min(self.topk, head[0])}[self.kind]
-        return n * positions * per_position
+        """What the targets take, to decide before building whether they are worth keeping on disk."""
+        return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self._layout().values())
 
     def load(self, targets: dict[str, torch.Tensor]) -> "Teacher":
         """Targets read back (from `targets()` of a teacher built the same way); raises ValueError when they
         are not what this teacher would build, so a stale cache entry is rebuilt instead of used."""
-        n, positions = self.windows.shape[0], self.windows.shape[1] - 1
-        want = self._expected_names()
-        if set(targets) != want or any(t.shape[:2] != (n, positions) for t in targets.values()):
-            raise ValueError(f"cached teacher targets {sorted(targets)} do not fit {sorted(want)} on {n} x {positions}")
+        want = {name: shape for name, (shape, _) in self._layout().items()}
+        if {name: tuple(t.shape) for name, t in targets.items()} != want:
+            raise ValueError(f"cached teacher targets do not have the shapes {want}")
         for name, tensor in targets.items():
             setattr(self, name, tensor)
         return self
-
-    def _expected_names(self) -> set[str]:
-        if self.kind == "ppl":
-            return set()
-        if self.kind == "kl":
-            return {"p_head", "neg_entropy"} if self.factorised else {"probs", "neg_entropy"}
-        return {"top_idx", "top_logp"}
 
     def _store(self, w: int, hidden: torch.Tensor) -> None:
         for s in range(0, hidden.shape[0], self.chunk):

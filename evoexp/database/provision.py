@@ -89,17 +89,17 @@ class DatabaseProvider:
             return self.databases[spec.key]
         label = "-".join(x for x in (self.model_name, self.method.kind, self.solver.kind, label_extra) if x)
         db = Database(self.cfg.dir or cache_root() / "databases", spec, label=label)
-        if not db.complete:
+        reused = db.complete
+        if not reused:
             # parallel jobs of a sweep need the same database: one builds it, the others wait and reuse it
             # (a shard locks only its own blocks: shards are built side by side on purpose)
             shard = f".shard{self.cfg.shard[0]}" if self.cfg.shard else ""
             with exclusive(db.path / f".build{shard}.lock", f"building {db.path.name}"):
-                self.reused[db.key] = db.complete  # another process may have finished it while this one waited
-                if not db.complete:
+                reused = db.complete  # another process may have finished it while this one waited
+                if not reused:
                     self.build(db, windows, label_extra)
-        else:
-            self.reused[db.key] = True
-        if self.reused[db.key]:
+        self.reused[db.key] = reused
+        if reused:
             log.info("database reused: %s", db.path)
         self.databases[spec.key] = db
         return db
