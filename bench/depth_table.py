@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from evoexp.report.results import run_seconds
+
 SEARCHES = {
     "evopress_cpu": [],
     "shortgpt": [],
@@ -56,7 +58,7 @@ def main():
         kind = res["allocation"]["search"]
         model = res["models"][kind]
         alloc = res["allocation"]
-        total = sum(res["timings"].values())
+        total = run_seconds(res)
         print(f"| {kind} | {model['ppl'][spec][dtype]['ppl']:.2f} | {model['fitness']:.4f} | {total:.0f} | "
               f"{alloc['attn_dropped']} / {alloc['mlp_dropped']} |")
     proto = dense["ppl"][spec]["protocol"]

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from evoexp.report.results import run_seconds
 from subproc import run_showing_progress  # bench/ is on sys.path when a script here runs
 
 # The CPU search configs set dtype, data and database sizes; every baseline gets the same values so that all
@@ -99,7 +100,7 @@ def table(method: str, target: float, results: dict[str, dict]) -> str:
             achieved = model["achieved"].get("sparsity", model["achieved"].get("bits"))
             fitness = model.get("fitness")
             lines.append(f"| {label} | {ppl(model):.2f} | {'' if fitness is None else f'{fitness:.4f}'} | "
-                         f"{achieved:.4f} | {seconds:.0f} | {sum(res['timings'].values()):.0f} |")
+                         f"{achieved:.4f} | {seconds:.0f} | {run_seconds(res):.0f} |")
     proto = evo["models"]["dense"]["ppl"][SPEC]["protocol"]
     lines.append(f"\nPPL: first {proto['windows']} windows x {proto['seq_len']} tokens of the wikitext-2 test "
                  f"split, no BOS, {evo['config']['dtype']}. Fitness: KL to the dense model on held-out calibration "

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from evoexp.report.results import run_seconds
 from layerwise_table import run_dir  # bench/ is on sys.path when a script here runs
 from subproc import run_showing_progress
 
@@ -76,7 +77,7 @@ def ppl(model: dict, spec: str) -> str:
 
 def rows(key: str, res: dict) -> list[tuple[str, dict, float, float]]:
     """(label, model entry, seconds choosing its levels, seconds of the whole run) per evaluated allocation."""
-    whole = sum(res["timings"].values())
+    whole = run_seconds(res)
     if key != "evopress":
         build = (res.get("database") or {}).get("build") or {}  # stored with the database, also when reused
         if "database" not in res["timings"]:  # built by an earlier, killed process of this run: count it

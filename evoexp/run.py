@@ -149,7 +149,7 @@ def resolve_auto_dtypes(cfg: DictConfig) -> None:
 
 # Settings that decide where and how fast a run goes, not its numbers: a finished run is reused across them.
 RERUN_NEUTRAL = {"resume", "logger", "tags", "threads", "database.dir", "database.cache_gb", "eval.cache_dense",
-                 "eval.zeroshot.cache_dense"}
+                 "eval.cache_states", "eval.zeroshot.cache_dense"}
 
 
 def config_changes(old: dict, new: dict) -> list[str]:
@@ -180,6 +180,7 @@ class Job:
     def __init__(self, rc: RunCfg, config: dict, out_dir: Path, tracker: Tracker, device: torch.device,
                  recipe_class: type[Recipe]):
         self.rc, self.config, self.out_dir, self.tracker = rc, config, out_dir, tracker
+        self.open_steps: list[str] = []  # the timed steps under way, innermost last
         self.device, self.recipe_class = device, recipe_class
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -208,7 +209,7 @@ class Job:
         if "zeroshot" in metrics:
             scalars.update(zeroshot_scalars(metrics["zeroshot"]))
         self.tracker.summary({"eval": scalars})
-        timings, peak = run_totals(self.out_dir)
+        steps, peak = run_totals(self.out_dir)
         result = {
             "status": "done",
             "name": rc.name,
@@ -221,8 +222,9 @@ class Job:
             "model": {"name": loaded.name, "source": loaded.source, "fingerprint": loaded.fingerprint,
                       "parameters": loaded.num_params, "dtype": rc.dtype.value, "device": str(device)},
             "method": self.config["method"],
-            "timings": timings,  # summed over every process that worked on the run
-            "memory": peak,
+            "timings": steps.seconds,  # summed over every process that worked on the run
+            "timings_nested": steps.nested,  # the part of them inside another step ("database" in "search")
+            "memory": {**peak, "peak_rss_mib_by_step": steps.peaks},
             "metrics": metrics,
             **outcome.to_json(),
             "objective": first_ppl(metrics.get("ppl", {})),
@@ -237,11 +239,14 @@ class Job:
 
     @contextmanager
     def timed(self, key: str) -> Iterator[None]:
+        within = self.open_steps[-1] if self.open_steps else None  # its seconds are in that step's too
+        self.open_steps.append(key)
         t0 = time.time()
         try:
             yield
         finally:
-            record_step(self.out_dir, key, round(time.time() - t0, 2))  # summed over processes at the end
+            self.open_steps.pop()
+            record_step(self.out_dir, key, round(time.time() - t0, 2), within)  # summed over processes at the end
 
 
 def draw_figures(run: FinishedRun) -> list[Path]:

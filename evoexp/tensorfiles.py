@@ -19,6 +19,19 @@ log = logging.getLogger(__name__)
 ST_DIGEST_KEY = "evoexp_sha256"
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes, without a copy where it is on the CPU and contiguous (bf16 too: viewed as bytes)."""
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: a cache key for what it holds (windows of token ids)."""
+    h = hashlib.sha256(f"{t.dtype} {list(t.shape)}".encode())
+    h.update(tensor_bytes(t))
+    return h.hexdigest()
+
+
 def _st_header(f) -> tuple[int, dict]:
     head = f.read(8)
     if len(head) < 8:

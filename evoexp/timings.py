@@ -1,40 +1,82 @@
 """Wall time and peak memory of a run over every process that worked on it: a run killed and resumed (SIGINT,
 a SLURM requeue, a new session) reports the time all its parts took, not its last part's. Each timed step
 appends one line to `<run dir>/timings.jsonl` when it ends (also when it is interrupted; a step cut by kill -9
-counts from its restart); the result sums them per step and takes the largest peak."""
+counts from its restart) with the process's peak memory so far and the step it ran inside, if any (a database
+built for the search is timed inside "search"); the result sums them per step, takes the largest peak overall
+and per step (the tables give a one-shot row the peak of the steps before training), and keeps apart the
+seconds already counted in an enclosing step, so a run's total counts each second once."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from evoexp.utils import append_jsonl, peak_memory, scan_jsonl
 
 TIMINGS = "timings.jsonl"
+# Records written before steps named the step around them: these keys were always timed inside another step
+# (DatabaseProvider builds inside "search" or "reference_<name>").
+NESTED_BEFORE_WITHIN = ("database",)
 log = logging.getLogger(__name__)
 
 
-def record_step(out_dir: Path, key: str, seconds: float) -> None:
+def record_step(out_dir: Path, key: str, seconds: float, within: str | None = None) -> None:
+    rec = {"key": key, "seconds": seconds, **peak_memory(), **({"within": within} if within else {})}
     try:
-        append_jsonl(out_dir / TIMINGS, {"key": key, "seconds": seconds, **peak_memory()})
+        append_jsonl(out_dir / TIMINGS, rec)
     except OSError as ex:  # the record is a report: it never costs the run (nor hides what stopped it)
         log.warning("%s: step time not recorded (%s)", out_dir / TIMINGS, ex)
 
 
-def run_totals(out_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """({step: seconds summed over every process}, {peak_rss_mib / peak_cuda_mib: the largest}), this process's
-    peak included."""
+def step_records(out_dir: Path) -> list[dict]:
+    """Every step record of the run dir (a damaged line costs only the records from it on, with a warning)."""
     path = out_dir / TIMINGS
-    records = []
-    if path.exists():
-        scan = scan_jsonl(path)
-        if scan.damage is not None:
-            log.warning("%s: %s; the step times before it are reported", path, scan.damage.why)
-        records = scan.records
-    timings: dict[str, float] = {}
+    if not path.exists():
+        return []
+    scan = scan_jsonl(path)
+    if scan.damage is not None:
+        log.warning("%s: %s; the step times before it are reported", path, scan.damage.why)
+    return scan.records
+
+
+@dataclass
+class StepTotals:
+    seconds: dict[str, float] = field(default_factory=dict)  # step -> seconds summed over every process
+    nested: dict[str, float] = field(default_factory=dict)  # step -> the part of them inside another step
+    # step -> its largest peak_rss_mib; None where one of its records has none (one restored by hand from a log
+    # that kept only the seconds): not known, and a smaller figure would pass for it
+    peaks: dict[str, float | None] = field(default_factory=dict)
+
+    def total(self, steps) -> float:
+        """Seconds of `steps`, each second once (a nested step's are in its enclosing step's already)."""
+        return round(sum(self.seconds.get(k, 0.0) - self.nested.get(k, 0.0) for k in steps), 2)
+
+
+def _nested(rec: dict) -> bool:
+    if "within" in rec:
+        return rec["within"] is not None
+    return rec["key"].startswith(NESTED_BEFORE_WITHIN)
+
+
+def step_totals(records: list[dict]) -> StepTotals:
+    out = StepTotals()
+    for rec in records:
+        key, peak = rec["key"], rec.get("peak_rss_mib")
+        out.seconds[key] = round(out.seconds.get(key, 0.0) + rec["seconds"], 2)
+        if _nested(rec):
+            out.nested[key] = round(out.nested.get(key, 0.0) + rec["seconds"], 2)
+        known = key not in out.peaks or out.peaks[key] is not None
+        out.peaks[key] = max(out.peaks.get(key) or 0.0, peak) if known and peak is not None else None
+    return out
+
+
+def run_totals(out_dir: Path) -> tuple[StepTotals, dict[str, float]]:
+    """(the run's step totals, {peak_rss_mib / peak_cuda_mib: the largest of every process, this one's
+    included})."""
+    records = step_records(out_dir)
     peak = peak_memory()
     for rec in records:
-        timings[rec["key"]] = round(timings.get(rec["key"], 0.0) + rec["seconds"], 2)
         for k, v in rec.items():
-            if k.startswith("peak_"):
+            if k.startswith("peak_") and v is not None:
                 peak[k] = max(peak.get(k, 0.0), v)
-    return timings, peak
+    return step_totals(records), peak

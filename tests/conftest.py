@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,7 +77,10 @@ def start_search(args, run_dir, env=None, generations: int = 2, watch: str = "hi
     """Start `evoexp *args` writing into `run_dir` and return once its search has logged `generations`
     generations (to interrupt it there); fails if it ends before that. `watch`: the run dir's file whose lines
     count (the search's history, or e.g. a Bonsai round's scored sub-models)."""
+    # SIGINT back to its default: a suite started in the background of a non-interactive shell (nohup ... &)
+    # passes SIGINT ignored to its children, and Python then never turns it into KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "evoexp", *args], env={**os.environ, **(env or {})}, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             **({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} | popen))
     deadline = time.time() + 300
     history = Path(run_dir) / watch

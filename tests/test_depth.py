@@ -249,23 +249,27 @@ def test_resume_false_starts_a_search_over(tmp_path):
 def test_a_run_killed_after_its_search_redoes_no_finished_work(tmp_path):
     """Killed among the final evaluations: the rerun takes the search, the references' scorings, the report
     fitnesses and the finished PPL figures from the run dir, and reports the same numbers."""
+    # its own cache (the dense figure computed, not read from an earlier test's), and no figures shared between
+    # runs: the rerun is to recompute what the kill lost
     args = ["model=tiny", "method=drop", "search=evopress_cpu", "search.generations=2", "eval.windows=2",
             "logger=none", "fitness.report_tokens=1024", "search.references=[shortgpt,shortened_llama]",
-            f"hydra.run.dir={tmp_path}/run"]
-    first = run_cli(*args)
+            "eval.cache_states=false", f"hydra.run.dir={tmp_path}/run"]
+    env = {"EVOEXP_CACHE": str(tmp_path / "cache")}
+    first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "run"
     before = json.loads((run / "result.json").read_text())
     (run / "result.json").unlink()
     kept = (run / "scores" / "eval_ppl.jsonl").read_text().splitlines()
-    assert len(kept) == 3  # found, shortgpt, shortened_llama (dense: the dense cache)
-    (run / "scores" / "eval_ppl.jsonl").write_text("\n".join(kept[:2]) + "\n")  # killed during the third
+    assert len(kept) == 4  # dense, found, shortgpt, shortened_llama
+    (run / "scores" / "eval_ppl.jsonl").write_text("\n".join(kept[:3]) + "\n")  # killed during the fourth
     log_before = (run / "evoexp.log").read_text()
-    again = run_cli(*args)
+    again = run_cli(*args, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     log = (run / "evoexp.log").read_text()[len(log_before):]
     assert "resuming search at generation 2" in log
     assert log.count("computed by an earlier run") == 2 and "report fitness: 4 of 4 candidates" in log
+    assert log.count("over 2 windows") == 1 and "dense PPL" in log  # the lost one again; dense from its cache
     after = json.loads((run / "result.json").read_text())
     assert set(after["models"]) == {"dense", "evopress", "shortgpt", "shortened_llama"}
     dtype = before["config"]["dtype"]  # evopress_cpu's dtype=auto, stored resolved (bfloat16 where bf16 is native)

@@ -234,11 +234,45 @@ def test_table_cost_columns_split_the_training_off_the_one_shot_row(tmp_path, ca
     result["method"]["kind"] = "structured"
     result["models"]["evopress_trained"] = result["models"]["evopress"]
     result["found"] = "evopress"
-    result["timings"] = {"search": 540.0, "eval_ppl_evopress": 60.0, "train": 300.0, "eval_ppl_evopress_trained": 60.0}
-    result["memory"] = {"peak_rss_mib": 2048.0}
+    result["timings"] = {"load_model": 6.0, "teacher": 60.0, "search": 480.0, "reference_uniform": 30.0,
+                         "eval_ppl_evopress": 60.0, "train": 300.0, "eval_ppl_evopress_trained": 60.0}
+    result["memory"] = {"peak_rss_mib": 4096.0}  # no per-step peaks (a run of an older evoexp)
     (tmp_path / "a" / "result.json").write_text(json.dumps(result))
-    assert table_main([str(tmp_path), "--cost", "--format", "csv"]) == 0
-    rows = {tuple(r.split(",")[2:5]): r.split(",")[5] for r in capsys.readouterr().out.strip().splitlines()[1:]}
-    assert float(rows[("evopress", "0.5", "run min")]) == 10.0  # search + its evaluation
-    assert float(rows[("evopress_trained", "0.5", "run min")]) == 16.0  # + training and its evaluation
-    assert float(rows[("evopress", "0.5", "peak GiB")]) == 2.0 and ("uniform", "0.5", "run min") not in rows
+
+    def table() -> dict:
+        assert table_main([str(tmp_path), "--cost", "--format", "csv"]) == 0
+        return {tuple(r.split(",")[2:5]): float(r.split(",")[5])
+                for r in capsys.readouterr().out.strip().splitlines()[1:]}
+
+    rows = table()
+    assert rows[("evopress", "0.5", "method min")] == 9.0  # teacher + search: no loading, evaluation, reference
+    assert rows[("evopress_trained", "0.5", "method min")] == 14.0  # + the training
+    assert rows[("evopress_trained", "0.5", "peak GiB")] == 4.0 and ("uniform", "0.5", "method min") not in rows
+    assert ("evopress", "0.5", "peak GiB") not in rows  # the overall peak may be the training's: not known
+    # per-step records (the run dir's timings.jsonl): each row gets the peak of its own steps
+    steps = [("teacher", 60.0, 1024.0), ("search", 440.0, 2048.0), ("eval_ppl_evopress", 60.0, 2560.0),
+             ("train", 300.0, 6144.0), ("eval_ppl_evopress_trained", 60.0, 6144.0),
+             ("search", 40.0, 1024.0)]  # a resumed process
+    (tmp_path / "a" / "timings.jsonl").write_text("".join(
+        json.dumps({"key": k, "seconds": s, "peak_rss_mib": p}) + "\n" for k, s, p in steps))
+    rows = table()
+    assert rows[("evopress", "0.5", "method min")] == 9.0 and rows[("evopress", "0.5", "peak GiB")] == 2.0
+    assert rows[("evopress_trained", "0.5", "method min")] == 14.0
+    assert rows[("evopress_trained", "0.5", "peak GiB")] == 6.0
+    # a record restored from the search's own log: its seconds count, its peak is not known
+    with open(tmp_path / "a" / "timings.jsonl", "a") as f:
+        f.write(json.dumps({"key": "search", "seconds": 600.0, "restored_from": "history.jsonl"}) + "\n")
+    rows = table()
+    assert rows[("evopress", "0.5", "method min")] == 19.0 and rows[("evopress_trained", "0.5", "method min")] == 24.0
+    assert ("evopress", "0.5", "peak GiB") not in rows and ("evopress_trained", "0.5", "peak GiB") not in rows
+    # result.json alone (no timings.jsonl), as a finished run writes it now: a database built inside the search
+    # counts once
+    (tmp_path / "a" / "timings.jsonl").unlink()
+    result["timings"] = {"database": 120.0, "search": 540.0, "eval_ppl_evopress": 60.0}
+    result["timings_nested"] = {"database": 120.0}
+    result["memory"] = {"peak_rss_mib": 2048.0, "peak_rss_mib_by_step": {"database": 1024.0, "search": 1536.0,
+                                                                         "eval_ppl_evopress": 2048.0}}
+    result["models"].pop("evopress_trained")
+    (tmp_path / "a" / "result.json").write_text(json.dumps(result))
+    rows = table()
+    assert rows[("evopress", "0.5", "method min")] == 9.0 and rows[("evopress", "0.5", "peak GiB")] == 1.5

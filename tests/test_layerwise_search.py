@@ -38,6 +38,11 @@ def test_sparse_search_and_baselines_hold_the_same_number_of_nonzeros(tmp_path):
     # one-off scorings are kept for a killed run's rerun: a line per model scored
     report = (tmp_path / "run" / "scores" / "report_fitness.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["fitness"] for line in report) == sorted(m["fitness"] for m in models.values())
+    # the databases are built inside the search and OWL's reference: their seconds are not counted twice
+    steps = {r["key"]: r.get("within") for r in map(json.loads, (tmp_path / "run" / "timings.jsonl").open())}
+    assert steps["database"] == "search" and steps["database_owl"] == "reference_owl" and steps["search"] is None
+    assert result["timings_nested"]["database"] == result["timings"]["database"] > 0
+    assert result["memory"]["peak_rss_mib_by_step"]["search"] <= result["memory"]["peak_rss_mib"]
 
 
 @pytest.mark.parametrize("target,rule", [(3, "size"), (2.5, "none")])

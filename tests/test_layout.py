@@ -26,8 +26,8 @@ LAYERS = [
     ("database",),                  # the per-level database: build, store, apply, provision
     ("methods",),                   # what each compression method does to a model
     ("recipes",),                   # one workflow per method kind, the recipe contract
-    ("report", "tracking"),         # tables, figures, W&B
-    ("run", "timings"),             # one job: validate, load, run the recipe, write the run dir (its step times)
+    ("report", "tracking", "timings"),  # tables, figures, W&B, the run dir's step times and peaks
+    ("run",),                       # one job: validate, load, run the recipe, write the run dir
     ("cli", "__main__"),            # the entrypoints
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

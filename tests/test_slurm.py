@@ -110,7 +110,7 @@ def outcome(run: Path) -> tuple[dict, list]:
 
     result = read_json(run / "result.json")
     kept = strip({k: v for k, v in result.items() if k not in ("started", "finished", "run_dir", "timings",
-                                                                "memory", "git_sha", "_digest")})
+                                                                "timings_nested", "memory", "git_sha", "_digest")})
     kept["config"].pop("logger")
     return kept, [strip(json.loads(line)) for line in (run / "history.jsonl").read_text().splitlines()]
 

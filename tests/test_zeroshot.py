@@ -211,7 +211,7 @@ def test_recipe_evaluates_dense_and_found_model(tmp_path):
 
 
 def test_dense_figures_are_cached_per_task(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("evoexp.eval.zeroshot.cache_root", lambda: tmp_path)
+    monkeypatch.setattr("evoexp.eval.shared.cache_root", lambda: tmp_path)  # where the figure caches live
     cfg = ZeroShotCfg(tasks=["piqa"], limit=2, batch_size=2)
     first = evaluate_zeroshot(tiny, cfg, "float32", dense=True)
     assert not first["tasks"]["piqa"]["cached"] and len(list((tmp_path / "dense_zeroshot").glob("*.json"))) == 1

@@ -107,6 +107,9 @@ class EvalCfg:
     dtypes: List[DType] = field(default_factory=list)  # empty: the run's dtype
     batch_size: int = 1
     cache_dense: bool = True
+    # a compressed model's figures (PPL and zero-shot) too, keyed by a digest of what it computes: the same model
+    # in another run (uniform or prior-only at every seed of a sweep) is evaluated once
+    cache_states: bool = True
     zeroshot: ZeroShotCfg = field(default_factory=ZeroShotCfg)
 
 

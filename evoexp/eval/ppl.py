@@ -15,6 +15,7 @@ from torch import nn
 from evoexp.config import EvalCfg
 from evoexp.data import eval_windows, load_tokens
 from evoexp.models import LoadedModel
+from evoexp.eval.shared import shared_figure
 from evoexp.utils import KeyedLog, cache_root, progress, read_cached_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,12 @@ def window_log(loaded: LoadedModel, cfg: EvalCfg, figure_key: str, dense: bool, 
 
 
 def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool, run_dir: Path | None = None,
-                 state_id: object = None) -> dict:
+                 state_id: object = None, digest: str | None = None) -> dict:
     """PPL of every `cfg.datasets` source in every `cfg.dtypes` (default: the run's dtype).
 
     With `dense` and `cfg.cache_dense`, figures are read from / written to the dense cache keyed by the model
-    fingerprint and the full protocol, so each (model, protocol) is computed once. With a `run_dir` and a
+    fingerprint and the full protocol, so each (model, protocol) is computed once; a compressed model's with its
+    `digest` (models/digest.py: what it computes) likewise, in the state cache. With a `run_dir` and a
     `state_id` (what identifies the model state, e.g. the sub-blocks dropped), each figure is also kept in
     `<run_dir>/scores/eval_ppl.jsonl`, so a run killed among its evaluations redoes only those not finished.
     """
@@ -110,14 +112,18 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool,
         for dtype in dtypes:
             key = stable_hash({"model": loaded.fingerprint, "protocol": proto.as_dict(), "dtype": dtype,
                                "v": PPL_VERSION})
-            cache_file = cache_root() / "dense_ppl" / f"{key}.json"
-            cached = read_cached_json(cache_file) if dense and cfg.cache_dense else None  # damaged: recomputed
-            if cached is not None:
-                entry[dtype] = {**cached, "cached": True}
-                log.info("%s %s: dense PPL %.4f (cached)", spec, dtype, entry[dtype]["ppl"])
-                continue
+            cache_file = shared_figure("ppl", key, dense, cfg.cache_dense, digest)
             kept_key = stable_hash({"figure": key, "state": state_id})
-            if kept is not None and kept_key in kept.done:
+            mine = kept is not None and kept_key in kept.done  # a compressed model's own figure goes first
+            cached = read_cached_json(cache_file) if cache_file is not None and (dense or not mine) else None
+            if cached is not None:  # (a damaged one is None: recomputed)
+                entry[dtype] = {**cached, "cached": True}
+                log.info("%s %s: %sPPL %.4f (cached: %s)", spec, dtype, "dense " if dense else "",
+                         entry[dtype]["ppl"], "the dense model's" if dense else "a model of the same weights")
+                if not dense and kept is not None:  # the run's own record of what it reported, as if computed
+                    kept.add(kept_key, {k: cached[k] for k in ("ppl", "nll", "predicted_tokens", "seconds")})
+                continue
+            if mine:
                 entry[dtype] = {**kept.done[kept_key], "cached": False, "resumed": True}
                 log.info("%s %s: PPL %.4f (computed by an earlier run: %s)", spec, dtype, entry[dtype]["ppl"],
                          kept.path)
@@ -130,9 +136,9 @@ def evaluate_ppl(loaded: LoadedModel, cfg: EvalCfg, run_dtype: str, dense: bool,
                        "seconds": round(time.time() - t0, 2)}
             log.info("%s %s: PPL %.4f over %d windows (%.1f s)", spec, dtype, figures["ppl"], proto.windows,
                      figures["seconds"])
-            if dense and cfg.cache_dense:
-                write_json(cache_file, {**figures, "model": loaded.fingerprint, "protocol": proto.as_dict(),
-                                        "dtype": dtype})
+            if cache_file is not None:
+                write_json(cache_file, {**figures, "model": loaded.fingerprint, "state": digest,
+                                        "protocol": proto.as_dict(), "dtype": dtype})
             if kept is not None:
                 kept.add(kept_key, figures)
             if partial is not None:  # the figure is kept whole now

