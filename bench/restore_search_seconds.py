@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evoexp.timings import TIMINGS, step_records, step_totals
+from evoexp.timings import TIMINGS, enclosing_step, step_records, step_totals
 from evoexp.utils import append_jsonl, read_json, read_jsonl
 
 MIN_SECONDS = 60.0  # less than this apart: the logs agree within what a resume costs
@@ -39,10 +39,7 @@ def restore(run_dir: Path, dry_run: bool) -> str | None:
     logged = logged_search_seconds(run_dir)
     if logged is None or any("restored_from" in r for r in records):
         return None
-    # the search's own work: its records less the steps timed inside it (a database build; before records named
-    # their enclosing step, "database" was the search's)
-    inner = sum(r["seconds"] for r in records if r.get("within", "search" if r["key"] == "database" else None)
-                == "search")
+    inner = sum(r["seconds"] for r in records if enclosing_step(r) == "search")  # e.g. a database build
     recorded = round(step_totals(records).seconds.get("search", 0.0) - inner, 2)
     missing = round(logged[0] - recorded, 2)
     if missing < MIN_SECONDS:

@@ -52,10 +52,12 @@ class StepTotals:
         return round(sum(self.seconds.get(k, 0.0) - self.nested.get(k, 0.0) for k in steps), 2)
 
 
-def _nested(rec: dict) -> bool:
+def enclosing_step(rec: dict) -> str | None:
+    """The step a record's seconds were timed inside, None for a top-level step. A record from before steps named
+    it: a "database" build, taken as the search's (where most were built; a reference baseline's build is rare)."""
     if "within" in rec:
-        return rec["within"] is not None
-    return rec["key"].startswith(NESTED_BEFORE_WITHIN)
+        return rec["within"]
+    return "search" if rec["key"].startswith(NESTED_BEFORE_WITHIN) else None
 
 
 def step_totals(records: list[dict]) -> StepTotals:
@@ -63,7 +65,7 @@ def step_totals(records: list[dict]) -> StepTotals:
     for rec in records:
         key, peak = rec["key"], rec.get("peak_rss_mib")
         out.seconds[key] = round(out.seconds.get(key, 0.0) + rec["seconds"], 2)
-        if _nested(rec):
+        if enclosing_step(rec) is not None:
             out.nested[key] = round(out.nested.get(key, 0.0) + rec["seconds"], 2)
         known = key not in out.peaks or out.peaks[key] is not None
         out.peaks[key] = max(out.peaks.get(key) or 0.0, peak) if known and peak is not None else None
