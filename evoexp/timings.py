@@ -8,16 +8,27 @@ seconds already counted in an enclosing step, so a run's total counts each secon
 from __future__ import annotations
 
 import logging
+import resource
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evoexp.utils import append_jsonl, peak_memory, scan_jsonl
+from evoexp.utils import append_jsonl, scan_jsonl
 
 TIMINGS = "timings.jsonl"
 # Records written before steps named the step around them: these keys were always timed inside another step
 # (DatabaseProvider builds inside "search" or "reference_<name>").
 NESTED_BEFORE_WITHIN = ("database",)
 log = logging.getLogger(__name__)
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (and the peak CUDA allocation, where torch saw a GPU), in MiB."""
+    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
 
 
 def record_step(out_dir: Path, key: str, seconds: float, within: str | None = None) -> None:

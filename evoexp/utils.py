@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -106,11 +107,18 @@ def _verified(obj: Any, path: Path, what_to_do: str | None, where: str = "") -> 
     return body
 
 
+# An indented array that holds no array or object: a list of unit ids, levels or figures, one element per line
+# with indent=2 (a Bonsai run's rounds.json was 1.4 MB so). Its "[" is followed by a newline, which a JSON string
+# cannot hold unescaped, so the match never starts inside a string, and the newlines it folds are all structural.
+_SCALAR_ARRAY = re.compile(r"\[\n[^\[\]{}]*?\n *\]")
+
+
 def write_json(path: str | os.PathLike, obj: Any, digest: bool = True) -> None:
     """Write `obj` atomically; a dict gets a `_digest` key that `read_json` checks (digest=False: a plain file
     for other programs, e.g. an exported checkpoint's configs)."""
     text = json.dumps(json.loads(_with_digest(obj, digest)), indent=2) if digest else \
         json.dumps(obj, indent=2, sort_keys=False, default=str)
+    text = _SCALAR_ARRAY.sub(lambda m: "[" + re.sub(r"\n *", " ", m.group(0)[1:-1]).strip() + "]", text)
     with atomic_path(path) as tmp:
         tmp.write_text(text + "\n")
 
@@ -287,16 +295,6 @@ def versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    return out
-
-
-def peak_memory() -> dict:
-    """This process's peak resident memory (and the peak CUDA allocation, where torch saw a GPU), in MiB."""
-    import resource
-    out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
 
 

@@ -109,6 +109,20 @@ def test_json_files_carry_a_digest_and_older_files_still_read(tmp_path):
     assert json.loads(plain.read_text()) == {"bits": 4}
 
 
+def test_json_lists_of_scalars_take_one_line_and_strings_are_untouched(tmp_path):
+    """A Bonsai run's rounds.json lists thousands of unit ids: one per line made it 1.4 MB in the kept runs."""
+    obj = {"removed": list(range(2000)), "nested": [[1, 2], {"levels": [0.5, -2e-9, None, True]}], "empty": [],
+           "tricky": ["[\n 1 ]", "a]", "{", "x\n  y"], "s": "[\n  3\n]"}
+    for digest in (True, False):
+        path = tmp_path / f"r{digest}.json"
+        write_json(path, obj, digest=digest)
+        text = path.read_text()
+        back = read_json(path) if digest else json.loads(text)
+        assert back == obj
+        assert '"removed": [0, 1, 2, ' in text and '"levels": [0.5, -2e-09, null, true]' in text
+        assert len(text.splitlines()) < 40
+
+
 def test_keyed_log_drops_a_torn_last_line_silently_and_recomputes_from_a_damaged_line(tmp_path, caplog):
     path = tmp_path / "scores" / "x.jsonl"
     log = KeyedLog(path, {"ctx": 1}, field="fitness")
