@@ -8,7 +8,6 @@ seconds already counted in an enclosing step, so a run's total counts each secon
 from __future__ import annotations
 
 import logging
-import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ log = logging.getLogger(__name__)
 
 def peak_memory() -> dict:
     """This process's peak resident memory (and the peak CUDA allocation, where torch saw a GPU), in MiB."""
+    import resource  # Unix only: importing evoexp.timings must not need it
+
     out = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # Linux: KiB
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
